@@ -1,0 +1,117 @@
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1): low-rank query and joint KV compression with
+a decoupled RoPE key shared by all heads. Two ways to attend, chosen per call:
+
+- expanded: the KV latent is up-projected into per-head keys and values (training and prefill);
+- absorbed: W_UK is folded into the query and W_UV into the output, so attention runs directly over the
+  cached latent (decode). The folded weights are derived once per weight version.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import CacheView
+from .config import ModelConfig
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        self.rope_interleave = cfg.rope_interleave
+        D, H, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
+        if cfg.q_lora_rank is None:
+            self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=bias)  # W_DQ
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_dim, bias=False)  # W_UQ and W_QR
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + self.rope_dim, bias=bias)  # W_DKV and W_KR
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)  # W_UK, W_UV
+        self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+        self._absorbed: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: CacheView | None = None, absorb: bool = False) -> torch.Tensor:
+        """x [B, T, D]; cos/sin [B, T, dr/2]; mask [B, T, S] bool (True: may attend) or None for plain
+        causal over these T tokens; cache: where to write this call's latents and what to attend to.
+        Returns [B, T, D]."""
+        B, T, _ = x.shape
+        H = self.n_heads
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(B, T, H, self.qk_dim)
+        q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.rope_interleave)
+
+        kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(kv), apply_rope(k_pe, cos, sin, self.rope_interleave)], dim=-1)
+        if cache is not None:  # latent [B, T, r + dr] is all that is kept
+            cache.write(self.layer_idx, latent)
+            latent = cache.read(self.layer_idx)  # [B, S, r + dr]
+
+        if absorb:
+            out = self._attend_absorbed(q_nope, q_pe, latent, mask)
+        else:
+            out = self._attend_expanded(q_nope, q_pe, latent, mask)
+        return self.o_proj(out.reshape(B, T, H * self.v_dim))
+
+    def _attend_expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+        """q_nope [B, T, H, dn], q_pe [B, T, H, dr], latent [B, S, r + dr] -> [B, T, H, dv]."""
+        B, S, _ = latent.shape
+        H = self.n_heads
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe.unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if mask is None else mask.unsqueeze(1),
+            is_causal=mask is None, scale=self.softmax_scale)  # [B, H, T, dv]
+        return out.transpose(1, 2)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, dn, r] and W_UV [H, dv, r], re-derived only when kv_b_proj's weight changed."""
+        w = self.kv_b_proj.weight
+        version = (w.data_ptr(), w._version)
+        if self._absorbed is None or self._absorbed[0] != version:
+            wkv_b = w.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            self._absorbed = (version, wkv_b[:, : self.nope_dim].contiguous(), wkv_b[:, self.nope_dim:].contiguous())
+        return self._absorbed[1], self._absorbed[2]
+
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention in latent space: scores = (q_nope W_UK) . c + q_pe . k_pe; out = (p . c) W_UV.
+        q_nope [B, T, H, dn], q_pe [B, T, H, dr], latent [B, S, r + dr] -> [B, T, H, dv]."""
+        B, T, H, _ = q_nope.shape
+        S = latent.shape[1]
+        if torch.is_grad_enabled() and self.kv_b_proj.weight.requires_grad:
+            wkv_b = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)
+            w_uk, w_uv = wkv_b[:, : self.nope_dim], wkv_b[:, self.nope_dim:]
+        else:
+            w_uk, w_uv = self.absorbed_weights()
+        q_latent = torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+        q_full = torch.cat([q_latent, q_pe], dim=-1).reshape(B, T * H, -1)  # [B, T*H, r + dr]
+        scores = torch.bmm(q_full, latent.transpose(1, 2)) * self.softmax_scale  # [B, T*H, S]
+        scores = scores.view(B, T, H, S)
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q_nope.device).tril(S - T)[None]
+        scores = scores.masked_fill(~mask.unsqueeze(2), float("-inf"))
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(latent.dtype).view(B, T * H, S)
+        out_latent = torch.bmm(probs, latent[..., : self.kv_lora_rank]).view(B, T, H, self.kv_lora_rank)
+        return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)

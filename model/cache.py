@@ -1,0 +1,71 @@
+"""The latent KV cache: per layer and token it holds only the normalized KV latent and the roped key,
+(kv_lora_rank + qk_rope_head_dim) values. Storage is a flat pool of slots; a `CacheView` says where
+this forward's tokens are written and which slots each sequence attends to, so a contiguous
+per-sequence layout and a paged block table (the rollout engine's) are the same thing to the model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import ModelConfig
+
+
+class LatentCache:
+    """Slot pool [num_layers, num_slots, kv_lora_rank + qk_rope_head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.data = torch.zeros(cfg.num_hidden_layers, num_slots, cfg.latent_dim, dtype=dtype, device=device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def values_per_token_per_layer(self) -> int:
+        return self.data.shape[2]
+
+    def bytes_per_token(self) -> int:
+        """Bytes one token occupies across all layers."""
+        return self.data.shape[0] * self.data.shape[2] * self.data.element_size()
+
+
+@dataclass
+class CacheView:
+    """Where one forward's tokens live in a `LatentCache`.
+
+    write_slots:   [B, T] slot of each new token; -1 for padding, which is not written.
+    context_slots: [B, S] slots of every token each sequence attends to, in position order (the new
+                   ones included); padded with any valid slot, masked out by position.
+    """
+
+    cache: LatentCache
+    write_slots: torch.Tensor
+    context_slots: torch.Tensor
+
+    def write(self, layer: int, latent: torch.Tensor) -> None:
+        """latent [B, T, r + dr] -> the layer's slots."""
+        flat_slots = self.write_slots.reshape(-1)
+        keep = flat_slots >= 0
+        pool = self.cache.data[layer]
+        pool.index_copy_(0, flat_slots[keep], latent.reshape(-1, latent.shape[-1])[keep].to(pool.dtype))
+
+    def read(self, layer: int) -> torch.Tensor:
+        """-> context latents [B, S, r + dr]."""
+        return self.cache.data[layer][self.context_slots]
+
+
+def contiguous_view(cache: LatentCache, positions: torch.Tensor, max_len: int) -> CacheView:
+    """A view that gives sequence b the slots [b * max_len, (b + 1) * max_len): the simple layout for
+    `generate`-style loops and tests. positions [B, T] of the new tokens (-1 for padding)."""
+    B = positions.shape[0]
+    base = torch.arange(B, device=positions.device)[:, None] * max_len
+    write = torch.where(positions >= 0, base + positions.clamp(min=0), torch.full_like(positions, -1))
+    context_len = int(positions.max()) + 1
+    context = base + torch.arange(context_len, device=positions.device)[None, :]
+    if int(context.max()) >= cache.num_slots:
+        raise ValueError(f"cache of {cache.num_slots} slots is too small for {B} sequences of {max_len}")
+    return CacheView(cache, write, context)

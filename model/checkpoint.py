@@ -1,0 +1,252 @@
+"""Hugging Face checkpoints: config.json + safetensors (sharded with model.safetensors.index.json), under
+the parameter names of transformers' DeepseekV3/V2, so V2/V3/R1 weights load and what we save loads in
+transformers and vLLM. FP8 block-quantized weights (`weight_scale_inv`) are dequantized on load."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import ModelConfig
+from .transformer import CausalLM
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+# MTP layers on disk carry copies of the shared embedding and head; in memory they are shared.
+_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
+_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose tensors do not match the model its config describes."""
+
+
+# ----- names ---------------------------------------------------------------------------------------
+def _to_hf_name(name: str, num_layers: int) -> str:
+    """Our in-memory name -> the on-disk name (experts are handled separately)."""
+    m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
+    if not m:
+        return name
+    layer, rest = num_layers + int(m.group(1)), m.group(2)
+    rest = rest.removeprefix("block.")
+    rest = rest.replace("shared_head_norm.", "shared_head.norm.")
+    return f"model.layers.{layer}.{rest}"
+
+
+def _from_hf_name(name: str, num_layers: int) -> str | None:
+    """On-disk name -> our name; None for copies of shared tensors that we do not keep."""
+    m = _LAYER.match(name)
+    if not m or int(m.group(1)) < num_layers:
+        return name
+    k, rest = int(m.group(1)) - num_layers, m.group(2)
+    if rest in _MTP_SHARED:
+        return None
+    if rest.startswith("shared_head.norm."):
+        return f"mtp.{k}.shared_head_norm.{rest.removeprefix('shared_head.norm.')}"
+    if rest.startswith(_MTP_OWN):
+        return f"mtp.{k}.{rest}"
+    return f"mtp.{k}.block.{rest}"
+
+
+def hf_state_dict(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our weights under transformers' names, experts unstacked, MTP layers with their shared copies."""
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name.endswith("experts.gate_up_proj"):
+            prefix = _to_hf_name(name.removesuffix(".gate_up_proj"), L)
+            gate, up = t.chunk(2, dim=1)
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.gate_proj.weight", gate[e]
+                yield f"{prefix}.{e}.up_proj.weight", up[e]
+        elif name.endswith("experts.down_proj"):
+            prefix = _to_hf_name(name.removesuffix(".down_proj"), L)
+            for e in range(t.shape[0]):
+                yield f"{prefix}.{e}.down_proj.weight", t[e]
+        else:
+            yield _to_hf_name(name, L), t
+    for k in range(len(model.mtp)):
+        yield f"model.layers.{L + k}.embed_tokens.weight", model.model.embed_tokens.weight.detach()
+        yield f"model.layers.{L + k}.shared_head.head.weight", model.lm_head.weight.detach()
+
+
+# ----- reading ---------------------------------------------------------------------------------------
+def _checkpoint_files(path: Path) -> list[Path]:
+    if (path / INDEX_NAME).exists():
+        index = json.loads((path / INDEX_NAME).read_text())
+        return [path / f for f in sorted(set(index["weight_map"].values()))]
+    if (path / SINGLE_NAME).exists():
+        return [path / SINGLE_NAME]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no safetensors files in {path}")
+    return files
+
+
+def _dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """weight [M, N] float8 with one scale per block of [bm, bn] -> float32 [M, N]."""
+    M, N = weight.shape
+    bm, bn = block
+    scale = scale_inv.float().repeat_interleave(bm, dim=0)[:M].repeat_interleave(bn, dim=1)[:, :N]
+    return weight.float() * scale
+
+
+def read_hf_tensors(path: str | Path, block: tuple[int, int] = (128, 128)) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a checkpoint directory under its on-disk name, FP8 weights dequantized."""
+    for file in _checkpoint_files(Path(path)):
+        with safe_open(str(file), framework="pt") as f:
+            keys = set(f.keys())
+            for key in sorted(keys):
+                if key.endswith("_scale_inv"):
+                    continue
+                t = f.get_tensor(key)
+                scale_key = key + "_scale_inv"
+                if scale_key in keys:
+                    t = _dequantize_fp8(t, f.get_tensor(scale_key), block)
+                elif t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    raise CheckpointError(f"{key} is {t.dtype} but {scale_key} is missing")
+                yield key, t
+
+
+def _checkpoint_has_mtp(path: Path, num_layers: int) -> bool:
+    for file in _checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            if any((m := _LAYER.match(k)) and int(m.group(1)) >= num_layers for k in f.keys()):
+                return True
+    return False
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    mtp: bool = True) -> CausalLM:
+    """Builds the model that `path/config.json` describes and loads its safetensors.
+
+    MTP modules are built only when the checkpoint has their weights (and `mtp` is True). Missing,
+    unexpected or mis-shaped tensors are refused with one message naming them all."""
+    path = Path(path)
+    cfg = ModelConfig.from_json(path)
+    raw = json.loads((path / "config.json").read_text())
+    block = tuple((raw.get("quantization_config") or {}).get("weight_block_size", (128, 128)))
+    if cfg.num_nextn_predict_layers and not (mtp and _checkpoint_has_mtp(path, cfg.num_hidden_layers)):
+        cfg.num_nextn_predict_layers = 0
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    model.reset_buffers()  # non-persistent buffers (RoPE tables); the routing bias stays float32
+    expected = dict(model.state_dict())  # shares storage with the parameters
+    loaded: set[str] = set()
+    unexpected, misshaped = [], []
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    L = cfg.num_hidden_layers
+    for key, t in read_hf_tensors(path, block):  # type: ignore[arg-type]
+        m = _EXPERT.match(key)
+        if m:
+            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
+            continue
+        name = _from_hf_name(key, L)
+        if name is None:
+            continue
+        if name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if name not in expected:
+            unexpected.append(key)
+        elif expected[name].shape != t.shape:
+            misshaped.append(f"{key}: checkpoint {tuple(t.shape)}, model {tuple(expected[name].shape)}")
+        else:
+            expected[name].copy_(t)
+            loaded.add(name)
+    for prefix, per_expert in experts.items():
+        name = _from_hf_name(prefix, L)
+        gate_up_name, down_name = f"{name}.gate_up_proj", f"{name}.down_proj"
+        if gate_up_name not in expected:
+            unexpected.append(f"{prefix}.*")
+            continue
+        gate_up, down = expected[gate_up_name], expected[down_name]
+        inter = gate_up.shape[1] // 2
+        for e, parts in per_expert.items():
+            if e >= gate_up.shape[0]:
+                unexpected.append(f"{prefix}.{e}.*")
+                continue
+            for part, t in parts.items():
+                target = down[e] if part == "down_proj" else gate_up[e, :inter] if part == "gate_proj" else gate_up[e, inter:]
+                if target.shape != t.shape:
+                    misshaped.append(f"{prefix}.{e}.{part}.weight: checkpoint {tuple(t.shape)}, model {tuple(target.shape)}")
+                else:
+                    target.copy_(t)
+        complete = all(len(per_expert.get(e, {})) == 3 for e in range(gate_up.shape[0]))
+        if complete:
+            loaded.update((gate_up_name, down_name))
+    missing = [n for n in expected if n not in loaded]
+    if cfg.tie_word_embeddings and "lm_head.weight" in missing:
+        missing.remove("lm_head.weight")
+    if missing or unexpected or misshaped:
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:12]) + (f" ... ({len(items)} in all)" if len(items) > 12 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing: {show([_to_hf_name(n, L) for n in missing])}")
+        if unexpected:
+            parts.append(f"unexpected: {show(unexpected)}")
+        if misshaped:
+            parts.append(f"mis-shaped: {show(misshaped)}")
+        raise CheckpointError(f"checkpoint {path} does not match its config.json; " + "; ".join(parts))
+    return model
+
+
+# ----- writing ---------------------------------------------------------------------------------------
+def save_pretrained(model: CausalLM, path: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
+    """Writes config.json and safetensors (sharded above `max_shard_bytes`) into `path`, atomically:
+    the files are written to a temporary directory beside it, which then replaces `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, t in hf_state_dict(model):
+            nbytes = t.numel() * t.element_size()
+            if size and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t.detach().contiguous().clone()
+            size += nbytes
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        model.config.save(tmp, dtype=dtype)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
+        else:
+            weight_map, total = {}, 0
+            for i, shard in enumerate(shards, start=1):
+                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+                total += sum(t.numel() * t.element_size() for t in shard.values())
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2, sort_keys=True))
+        # Keep files that are not ours (tokenizer, generation config) when overwriting a directory.
+        if path.exists():
+            for f in path.iterdir():
+                if f.is_file() and not (f.suffix == ".safetensors" or f.name in ("config.json", INDEX_NAME)):
+                    shutil.copy2(f, tmp / f.name)
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,148 @@
+"""DeepSeekMoE: shared experts that see every token plus routed experts chosen per token by a gate
+(V2's softmax gate, greedy or group-limited; V3's sigmoid gate with the aux-loss-free correction bias).
+Routed experts are stacked in two tensors and run on the tokens routed to them, one matmul pair each."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: the dense layers and the shared experts. gate and up run as one matmul."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.up_proj = nn.Linear(dim, inter_dim, bias=False)
+        self.down_proj = nn.Linear(inter_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> [..., D]."""
+        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Gate(nn.Module):
+    """Chooses K of E experts per token and their weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.n_routed_experts is not None
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        if self.topk_method == "noaux_tc":
+            # Aux-loss-free balancing: a per-expert offset that only affects which experts are chosen.
+            # A buffer, not a parameter: it moves by the sign of the load error, never by gradients.
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> weights [N, K] (x.dtype), expert ids [N, K], scores [N, E] (float32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of each group's top two
+            else:
+                group_scores = grouped.amax(dim=-1)  # V2: each group's best expert
+            top_groups = group_scores.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+            fill = float("-inf") if self.topk_method == "noaux_tc" else 0.0
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), fill).view(-1, self.n_experts)
+        expert_ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, expert_ids)  # the bias picks experts; the unbiased scores weigh them
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights * self.route_scale).to(x.dtype), expert_ids, scores
+
+
+class Experts(nn.Module):
+    """The routed experts, stacked: gate_up_proj [E, 2I, D] (gate and up fused) and down_proj [E, D, I].
+
+    Tokens are sorted by expert, so each expert that was hit runs one contiguous matmul pair on its
+    tokens; experts that no token chose cost nothing."""
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """x [N, D], weights/expert_ids [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x)  [N, D]."""
+        K = expert_ids.shape[1]
+        flat_ids = expert_ids.flatten()  # [N*K]
+        order = flat_ids.argsort(stable=True)
+        token_of = order // K  # the token of each (token, expert) pair, in expert order
+        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
+        xs = x[token_of]  # [N*K, D]
+        outs = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            gate, up = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
+            start += n
+        ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(1)
+        return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+class MoE(nn.Module):
+    """Shared experts (every token) + routed experts (K per token, chosen by the gate)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.n_routed_experts is not None
+        E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts, self.top_k = E, cfg.num_experts_per_tok
+        self.gate = Gate(cfg)
+        self.experts = Experts(E, D, I)
+        self.shared_experts = MLP(D, I * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        # Tokens routed to each expert since the last bias update (aux-loss-free balancing).
+        self.register_buffer("expert_load", torch.zeros(E), persistent=False)
+        self.track_load = False
+        self.seq_aux_alpha = 0.0
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]."""
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, expert_ids, scores = self.gate(flat)  # [N, K], [N, K], [N, E]
+        out = self.experts(flat, weights, expert_ids).view(B, T, D)
+        if self.track_load:
+            self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.n_experts).to(self.expert_load)
+        self.aux_loss = self._sequence_balance_loss(scores, expert_ids, B, T) if self.seq_aux_alpha > 0 else None
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    def _sequence_balance_loss(self, scores: torch.Tensor, expert_ids: torch.Tensor, B: int, T: int) -> torch.Tensor:
+        """V3's complementary sequence-wise balance loss: alpha * sum_i f_i * P_i, averaged over sequences."""
+        E, K = self.n_experts, self.top_k
+        probs = scores / scores.sum(dim=-1, keepdim=True)  # normalized affinities s'_{i,t}
+        P = probs.view(B, T, E).mean(dim=1)  # [B, E]
+        hits = torch.zeros(B, E, device=scores.device).scatter_add_(
+            1, expert_ids.view(B, T * K), torch.ones(B, T * K, device=scores.device))
+        f = hits * E / (K * T)  # [B, E]
+        return self.seq_aux_alpha * (f * P).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self, speed: float) -> None:
+        """Aux-loss-free balancing: raise the bias of under-loaded experts and lower the over-loaded ones
+        by `speed`, by the sign of the load error; then start counting again."""
+        bias = self.gate.e_score_correction_bias
+        if bias is not None and self.expert_load.sum() > 0:
+            bias += speed * torch.sign(self.expert_load.mean() - self.expert_load).to(bias)
+        self.expert_load.zero_()

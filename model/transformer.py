@@ -1,0 +1,228 @@
+"""The DeepSeek-V2/V3 decoder: embeddings, blocks of MLA + (dense MLP | DeepSeekMoE), the final norm, the
+LM head, and the Multi-Token Prediction modules. Parameter names follow transformers' DeepseekV3, so
+checkpoint I/O is a renaming of experts and MTP layers only."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import MLA
+from .cache import CacheView
+from .config import ModelConfig
+from .moe import MLP, MoE
+from .norm import RMSNorm
+from .rope import RotaryTable
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + MLA(norm(x)), then h + FFN(norm(h))."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLA(cfg, layer_idx)
+        self.mlp: nn.Module = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: CacheView | None = None, absorb: bool = False) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]."""
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, absorb)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    """Token embeddings and the stack of blocks; returns hidden states before the final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryTable(cfg)
+        self.gradient_checkpointing = False
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                cache: CacheView | None = None, absorb: bool = False) -> torch.Tensor:
+        """input_ids, positions [B, T]; mask [B, T, S] or None (causal) -> hidden [B, T, D]."""
+        h = self.embed_tokens(input_ids)
+        cos, sin = self.rotary(positions)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, cache, absorb)
+        return h
+
+
+class MTPLayer(nn.Module):
+    """One Multi-Token Prediction depth (DeepSeek-V3 section 2.2): combines the previous depth's hidden
+    state at i with the embedding of token i+k and runs one more block; shares embedding and head."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = Block(cfg, layer_idx)
+        self.shared_head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, prev_hidden: torch.Tensor, next_embeds: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """prev_hidden, next_embeds [B, T, D] -> this depth's hidden [B, T, D] (before its head norm)."""
+        h = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(prev_hidden)], dim=-1))
+        return self.block(h, cos, sin, None)
+
+
+class CausalLM(nn.Module):
+    """DeepSeek-V3 for causal language modelling: input_ids [B, T] -> logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        L = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
+
+    # ----- forward --------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cache: CacheView | None = None,
+                absorb: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]. See `hidden_states` for the arguments."""
+        return self.lm_head(self.model.norm(self.hidden_states(input_ids, positions, attention_mask, cache, absorb)))
+
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None, cache: CacheView | None = None,
+                      absorb: bool = False) -> torch.Tensor:
+        """The last block's output [B, T, D], before the final norm.
+
+        positions [B, T]: token positions; by default counted from the first real token of each row.
+        attention_mask [B, T]: 1 for real tokens, 0 for padding (either side).
+        cache: write this call's latents there and attend over the view's context (prefill or decode).
+        absorb: attend with the weight-absorbed path (the decode path; needs no per-head keys).
+        """
+        if positions is None:
+            if cache is not None:
+                raise ValueError("a cached forward needs explicit positions")
+            if attention_mask is None:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+            else:
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask = self._attention_mask(input_ids.shape[1], positions, attention_mask, cache)
+        return self.model(input_ids, positions.clamp(min=0), mask, cache, absorb)
+
+    @staticmethod
+    def _attention_mask(T: int, positions: torch.Tensor, attention_mask: torch.Tensor | None,
+                        cache: CacheView | None) -> torch.Tensor | None:
+        """[B, T, S] bool, True where query t may attend to key s; None for plain causal."""
+        if cache is not None:  # context slots are in position order: key s sits at position s
+            S = cache.context_slots.shape[1]
+            return torch.arange(S, device=positions.device)[None, None, :] <= positions[:, :, None]
+        if attention_mask is None:
+            return None
+        causal = torch.ones(T, T, dtype=torch.bool, device=positions.device).tril()
+        mask = causal[None] & attention_mask.bool()[:, None, :]
+        return mask | torch.eye(T, dtype=torch.bool, device=positions.device)[None]  # pad rows stay finite
+
+    def mtp_logits(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> list[torch.Tensor]:
+        """Multi-token prediction from the main model's `hidden_states` [B, T, D].
+
+        Depth k (1-based) at position i predicts token i + k + 1, so its logits are [B, T - k, V] and
+        their targets are input_ids[:, k + 1:] (the last position has no target)."""
+        out = []
+        T = input_ids.shape[1]
+        prev = hidden
+        for k, layer in enumerate(self.mtp, start=1):
+            n = T - k
+            positions = torch.arange(n, device=input_ids.device).expand(input_ids.shape[0], n)
+            cos, sin = self.model.rotary(positions)
+            prev = layer(prev[:, :n], self.model.embed_tokens(input_ids[:, k:]), cos, sin)
+            out.append(self.lm_head(layer.shared_head_norm(prev)))
+        return out
+
+    def mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean over depths of the cross-entropy of the MTP predictions; loss_mask [B, T] marks the target
+        tokens that count (e.g. completion tokens in SFT)."""
+        if not len(self.mtp):
+            raise ValueError("this model has no MTP modules (num_nextn_predict_layers = 0)")
+        losses = []
+        for k, logits in enumerate(self.mtp_logits(hidden, input_ids), start=1):
+            targets = input_ids[:, k + 1:]
+            lg = logits[:, :-1]
+            ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]).float(), targets.reshape(-1), reduction="none")
+            if loss_mask is None:
+                losses.append(ce.mean())
+            else:
+                m = loss_mask[:, k + 1:].reshape(-1).to(ce.dtype)
+                losses.append((ce * m).sum() / m.sum().clamp(min=1))
+        return torch.stack(losses).mean()
+
+    # ----- MoE balancing ----------------------------------------------------------------------------
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def set_moe_balancing(self, track_load: bool = False, seq_aux_alpha: float = 0.0) -> None:
+        """track_load: count expert loads for `update_router_bias`; seq_aux_alpha: weight of the
+        sequence-wise balance loss (read it with `balance_loss` after a forward)."""
+        for m in self.moe_layers():
+            m.track_load, m.seq_aux_alpha = track_load, seq_aux_alpha
+
+    def balance_loss(self) -> torch.Tensor:
+        losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
+        return torch.stack(losses).sum() if losses else torch.zeros(())
+
+    def update_router_bias(self, speed: float) -> None:
+        """The aux-loss-free update: call after each optimizer step with the bias update speed (gamma)."""
+        for m in self.moe_layers():
+            m.update_bias(speed)
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recomputes the buffers no checkpoint holds (after building on the meta device) and keeps the
+        routing bias in float32 whatever the weights' dtype."""
+        device = self.lm_head.weight.device
+        self.model.rotary = RotaryTable(self.config).to(device)
+        for m in self.moe_layers():
+            m.expert_load = torch.zeros(m.n_experts, device=device)
+            bias = m.gate.e_score_correction_bias
+            if bias is not None:
+                m.gate.e_score_correction_bias = bias.float()
+
+    def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
+        """Writes a Hugging Face checkpoint (config.json + safetensors) that transformers and vLLM load."""
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_bytes)
+
+    # ----- construction ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> CausalLM:
+        """Random initialization: N(0, initializer_range) for matrices, ones for norms, zero biases."""
+        std = self.config.initializer_range
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                p.fill_(1.0) if name.endswith("norm.weight") else p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for m in self.moe_layers():
+            if m.gate.e_score_correction_bias is not None:
+                m.gate.e_score_correction_bias.zero_()
+        self.reset_buffers()
+        return self
+
+    def num_parameters(self, active: bool = False) -> int:
+        """All parameters, or those one token uses (K of E routed experts), without MTP."""
+        total = sum(p.numel() for n, p in self.named_parameters() if not n.startswith("mtp."))
+        if active:
+            for m in self.moe_layers():
+                unused = m.n_experts - m.top_k
+                total -= unused * (m.experts.gate_up_proj[0].numel() + m.experts.down_proj[0].numel())
+        return total
