@@ -144,6 +144,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     with torch.device("meta"):
         model = CausalLM(cfg)
     model = model.to_empty(device=device).to(dtype)
+    model.tie_weights()
     model.reset_buffers()  # non-persistent buffers (RoPE tables); the routing bias stays float32
     expected = dict(model.state_dict())  # shares storage with the parameters
     loaded: set[str] = set()

@@ -12,7 +12,7 @@ from .config import ModelConfig
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: the dense layers and the shared experts. gate and up run as one matmul."""
+    """SwiGLU feed-forward: the dense layers and the shared experts."""
 
     def __init__(self, dim: int, inter_dim: int):
         super().__init__()
@@ -22,8 +22,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D]."""
-        gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Gate(nn.Module):
@@ -85,15 +84,16 @@ class Experts(nn.Module):
         order = flat_ids.argsort(stable=True)
         token_of = order // K  # the token of each (token, expert) pair, in expert order
         counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
-        xs = x[token_of]  # [N*K, D]
+        # split and unbind, not slicing and indexing: their backward writes each gradient once, instead
+        # of scattering every expert's share into a fresh zero tensor of the full size.
+        xs = x[token_of].split(counts)  # per expert: [n_e, D]
+        gate_up_w, down_w = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
-        start = 0
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            gate, up = F.linear(xs[start:start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, self.down_proj[e]))
-            start += n
+            gate, up = F.linear(xs[e], gate_up_w[e]).chunk(2, dim=-1)
+            outs.append(F.linear(F.silu(gate) * up, down_w[e]))
         ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(1)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 

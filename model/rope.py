@@ -61,6 +61,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     written de-interleaved (all first members, then all second members). Queries and keys get the same
     layout, so their dot products -- all attention ever uses -- are those of the interleaved rotation.
     """
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if x.dim() == 4:  # [B, T, H, dr]: broadcast over heads
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     if interleaved:

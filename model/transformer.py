@@ -87,8 +87,7 @@ class CausalLM(nn.Module):
         self.config = cfg
         self.model = Decoder(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         L = cfg.num_hidden_layers
         self.mtp = nn.ModuleList(MTPLayer(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
 
@@ -183,6 +182,11 @@ class CausalLM(nn.Module):
         """The aux-loss-free update: call after each optimizer step with the bias update speed (gamma)."""
         for m in self.moe_layers():
             m.update_bias(speed)
+
+    def tie_weights(self) -> None:
+        """Shares the embedding with the LM head when the config says so (again after `to_empty`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
     def reset_buffers(self) -> None:

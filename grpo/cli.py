@@ -1,0 +1,68 @@
+"""The `grpo` command line. Each subcommand is a thin layer over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def cmd_new_model(args: argparse.Namespace) -> int:
+    """Builds a randomly initialized model of a named size with the built-in character tokenizer."""
+    from model import build_model
+    from model.presets import preset_config
+    from model.tokenizer import build_char_tokenizer
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        print(f"error: {out} is not empty (use --force to overwrite)", file=sys.stderr)
+        return 2
+    tok = build_char_tokenizer()
+    cfg = preset_config(args.preset, vocab_size=len(tok), num_nextn_predict_layers=args.mtp)
+    model = build_model(cfg, seed=args.seed)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    print(f"wrote {out}: {args.preset} DeepSeek-V3, {model.num_parameters() / 1e6:.2f}M parameters "
+          f"({model.num_parameters(active=True) / 1e6:.2f}M active), vocab {len(tok)}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Prints what a checkpoint holds."""
+    from model import LatentCache, load_pretrained
+
+    model = load_pretrained(args.checkpoint)
+    cfg = model.config
+    print(f"{cfg.model_type}: {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, {cfg.num_attention_heads} heads")
+    if cfg.n_routed_experts:
+        print(f"experts: {cfg.n_routed_experts} routed (top-{cfg.num_experts_per_tok}, {cfg.scoring_func}, "
+              f"{cfg.topk_method}), {cfg.n_shared_experts} shared; first {cfg.first_k_dense_replace} layers dense")
+    print(f"parameters: {model.num_parameters() / 1e6:.2f}M ({model.num_parameters(active=True) / 1e6:.2f}M active); "
+          f"MTP depths: {len(model.mtp)}")
+    print(f"latent KV cache: {LatentCache(cfg, 1).bytes_per_token()} bytes per token")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grpo", description="The DeepSeek-R1 recipe: GRPO on DeepSeek-V3.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("new-model", help="build a fresh, randomly initialized model and tokenizer")
+    p.add_argument("--preset", default="tiny", help="model size: tiny, micro, tiny-vllm")
+    p.add_argument("--out", required=True, help="directory to write the checkpoint to")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mtp", type=int, default=0, help="number of multi-token prediction depths")
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty directory")
+    p.set_defaults(func=cmd_new_model)
+    p = sub.add_parser("info", help="describe a checkpoint")
+    p.add_argument("checkpoint")
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,94 @@
+"""The weight-absorbed decode path over the latent cache against the expanded full-sequence forward."""
+
+import pytest
+import torch
+
+from model import LatentCache, build_model, contiguous_view
+from model.presets import preset_config
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_model(preset_config("micro", vocab_size=61, rope_interleave=True), seed=4).eval()
+    with torch.no_grad():  # larger weights than the init so attention patterns are not flat
+        for p in m.parameters():
+            if p.dim() > 1:
+                p.mul_(6.0)
+    return m
+
+
+def test_absorbed_decode_matches_expanded_forward_for_ragged_batch(model):
+    lengths = [5, 17, 11]
+    max_len = max(lengths)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(3, 61, (n,), generator=g) for n in lengths]
+    cache = LatentCache(model.config, num_slots=len(seqs) * max_len)
+    with torch.no_grad():
+        expected = [model(s[None])[0] for s in seqs]  # expanded path, one full sequence at a time
+        # Decode one token per step; a sequence that has ended sends padding (position -1).
+        got = [[] for _ in seqs]
+        for t in range(max_len):
+            ids = torch.tensor([[s[t] if t < len(s) else 0] for s in seqs])
+            positions = torch.tensor([[t if t < len(s) else -1] for s in seqs])
+            view = contiguous_view(cache, positions, max_len)
+            logits = model(ids, positions=positions.clamp(min=0), cache=view, absorb=True)
+            for b, s in enumerate(seqs):
+                if t < len(s):
+                    got[b].append(logits[b, 0])
+    assert expected[0].std() > 0.5
+    for b in range(len(seqs)):
+        torch.testing.assert_close(torch.stack(got[b]), expected[b], atol=1e-4, rtol=0)
+
+
+def test_expanded_prefill_then_absorbed_decode_matches_full_forward(model):
+    g = torch.Generator().manual_seed(1)
+    seq = torch.randint(3, 61, (2, 14), generator=g)
+    prompt_len, max_len = 9, 14
+    cache = LatentCache(model.config, num_slots=2 * max_len)
+    with torch.no_grad():
+        expected = model(seq)
+        pos = torch.arange(prompt_len).expand(2, -1)
+        first = model(seq[:, :prompt_len], positions=pos, cache=contiguous_view(cache, pos, max_len))
+        steps = [first]
+        for t in range(prompt_len, max_len):
+            pos = torch.full((2, 1), t)
+            steps.append(model(seq[:, t:t + 1], positions=pos, cache=contiguous_view(cache, pos, max_len), absorb=True))
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=0)
+
+
+def test_absorbed_and_expanded_paths_agree_on_a_multi_token_chunk(model):
+    seq = torch.randint(3, 61, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        results = []
+        for absorb in (False, True):
+            cache = LatentCache(model.config, num_slots=12)
+            pos = torch.arange(12)[None]
+            results.append(model(seq, positions=pos, cache=contiguous_view(cache, pos, 12), absorb=absorb))
+    torch.testing.assert_close(results[1], results[0], atol=1e-4, rtol=0)
+
+
+def test_cache_holds_only_latent_and_rope_key_per_token_and_layer(model):
+    cfg = model.config
+    cache = LatentCache(cfg, num_slots=10)
+    assert cache.values_per_token_per_layer == cfg.kv_lora_rank + cfg.qk_rope_head_dim
+    assert cache.data.shape == (cfg.num_hidden_layers, 10, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    assert cache.bytes_per_token() == cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    # A prefill writes exactly one slot per real token in every layer, and nothing for padding.
+    pos = torch.tensor([[0, 1, 2, -1]])
+    with torch.no_grad():
+        model(torch.tensor([[5, 6, 7, 0]]), positions=pos.clamp(min=0), cache=contiguous_view(cache, pos, 10))
+    written = cache.data.abs().sum(-1) > 0  # [L, slots]
+    assert written[:, :3].all() and not written[:, 3:].any()
+
+
+def test_absorbed_weights_are_derived_once_per_weight_version(model):
+    attn = model.model.layers[0].self_attn
+    w_uk, _ = attn.absorbed_weights()
+    assert attn.absorbed_weights()[0] is w_uk  # same weights: no re-derivation
+    with torch.no_grad():
+        attn.kv_b_proj.weight.add_(0.01)  # what an optimizer step does, in place
+    w_uk2, _ = attn.absorbed_weights()
+    assert w_uk2 is not w_uk
+    torch.testing.assert_close(w_uk2, w_uk + 0.01)
+    with torch.no_grad():
+        attn.kv_b_proj.weight.sub_(0.01)

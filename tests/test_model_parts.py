@@ -1,0 +1,213 @@
+"""Config reading and validation, MoE routing and balancing, MTP, gradients, the built-in tokenizer."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from model import ConfigError, ModelConfig, build_model
+from model.moe import Experts, Gate
+from model.presets import preset_config
+from model.tokenizer import build_char_tokenizer, load_tokenizer
+
+# The published DeepSeek-V3 config.json, less the fields that do not change the math.
+DEEPSEEK_V3_CONFIG = {
+    "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168, "intermediate_size": 18432,
+    "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128, "num_key_value_heads": 128,
+    "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5, "kv_lora_rank": 512,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128, "topk_method": "noaux_tc",
+    "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "moe_layer_freq": 1, "first_k_dense_replace": 3,
+    "norm_topk_prob": True, "scoring_func": "sigmoid", "num_nextn_predict_layers": 1, "max_position_embeddings": 163840,
+    "rope_theta": 10000, "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+                                          "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+    "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "hidden_act": "silu",
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                            "weight_block_size": [128, 128]},
+}
+DEEPSEEK_V2_LITE_CONFIG = {
+    "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048, "intermediate_size": 10944,
+    "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16, "n_shared_experts": 2,
+    "n_routed_experts": 64, "num_experts_per_tok": 6, "first_k_dense_replace": 1, "kv_lora_rank": 512,
+    "q_lora_rank": None, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128, "topk_method": "greedy",
+    "n_group": 1, "topk_group": 1, "norm_topk_prob": False, "scoring_func": "softmax", "routed_scaling_factor": 1.0,
+    "max_position_embeddings": 163840, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+}
+
+
+def test_reads_the_published_v3_and_v2_lite_configs():
+    v3 = ModelConfig.from_hf_dict(DEEPSEEK_V3_CONFIG)
+    assert v3.rope_scaling.factor == 40 and v3.latent_dim == 576 and v3.is_moe_layer(3) and not v3.is_moe_layer(2)
+    assert v3.softmax_scale == pytest.approx(192**-0.5 * (0.1 * 1.0 * torch.log(torch.tensor(40.0)).item() + 1) ** 2)
+    lite = ModelConfig.from_hf_dict(DEEPSEEK_V2_LITE_CONFIG)
+    assert lite.q_lora_rank is None and lite.scoring_func == "softmax" and lite.topk_method == "greedy"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "llama"}, "model_type 'llama'"),
+    ({"scoring_func": "relu"}, "scoring_func 'relu'"),
+    ({"n_group": 3}, "divisible by n_group=3"),
+    ({"topk_group": 9}, "topk_group=9"),
+    ({"num_experts_per_tok": 300}, "num_experts_per_tok=300"),
+    ({"qk_rope_head_dim": 63}, "qk_rope_head_dim must be even"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2}}, "rope_scaling type 'dynamic'"),
+    ({"topk_method": "greedy"}, "only 'noaux_tc' is defined for V3"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+])
+def test_unknown_or_contradictory_values_are_refused_by_name(change, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_hf_dict({**DEEPSEEK_V3_CONFIG, **change})
+
+
+def test_config_json_round_trips(tmp_path):
+    cfg = ModelConfig.from_hf_dict(DEEPSEEK_V3_CONFIG)
+    cfg.save(tmp_path)
+    again = ModelConfig.from_json(tmp_path)
+    assert again == cfg
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["topk_method"] == "noaux_tc" and written["scoring_func"] == "sigmoid"
+
+
+# ----- MoE ----------------------------------------------------------------------------------------
+def micro(**kw):
+    return preset_config("micro", vocab_size=40, **kw)
+
+
+def test_expert_dispatch_equals_a_per_token_loop():
+    g = torch.Generator().manual_seed(0)
+    experts = Experts(6, 16, 8)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(6, 16, 16, generator=g))
+        experts.down_proj.copy_(torch.randn(6, 16, 8, generator=g))
+    x = torch.randn(11, 16, generator=g)
+    ids = torch.randint(0, 3, (11, 2), generator=g)  # experts 3..5 are never hit
+    ids[:, 1] = (ids[:, 0] + 1) % 6
+    w = torch.rand(11, 2, generator=g)
+    expected = torch.zeros_like(x)
+    for n in range(11):
+        for k in range(2):
+            gate, up = (experts.gate_up_proj[ids[n, k]] @ x[n]).chunk(2)
+            expected[n] += w[n, k] * (experts.down_proj[ids[n, k]] @ (torch.nn.functional.silu(gate) * up))
+    torch.testing.assert_close(experts(x, w, ids), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_correction_bias_chooses_experts_but_does_not_weigh_them():
+    gate = Gate(micro(n_group=1, topk_group=1))
+    with torch.no_grad():
+        gate.weight.normal_()
+    x = torch.randn(5, 64)
+    w0, ids0, scores = gate(x)
+    with torch.no_grad():
+        gate.e_score_correction_bias[7] = 100.0  # expert 7 now always chosen
+    w1, ids1, _ = gate(x)
+    assert (ids1 == 7).any(dim=1).all()
+    k7 = (ids1 == 7).float().argmax(dim=1)
+    raw = scores.gather(1, ids1)
+    expected = raw / raw.sum(-1, keepdim=True) * gate.route_scale
+    torch.testing.assert_close(w1, expected)
+    assert w1.gather(1, k7[:, None]).max() < gate.route_scale  # weight from the unbiased score, not 100
+
+
+def test_group_limited_routing_picks_only_from_the_best_groups():
+    gate = Gate(micro(n_group=4, topk_group=2))
+    with torch.no_grad():
+        gate.weight.normal_()
+    _, ids, scores = gate(torch.randn(32, 64))
+    groups = scores.view(32, 4, 2).topk(2, dim=-1).values.sum(-1).topk(2, dim=-1).indices  # [N, 2]
+    chosen_groups = ids // 2
+    assert all(set(chosen_groups[n].tolist()) <= set(groups[n].tolist()) for n in range(32))
+
+
+def test_aux_loss_free_update_moves_bias_by_the_sign_of_load_error():
+    model = build_model(micro())
+    model.set_moe_balancing(track_load=True)
+    moe = model.moe_layers()[0]
+    with torch.no_grad():
+        model(torch.randint(0, 40, (4, 16)))
+    load = moe.expert_load.clone()
+    assert load.sum() == 4 * 16 * 2
+    model.update_router_bias(speed=0.001)
+    expected = 0.001 * torch.sign(load.mean() - load)
+    torch.testing.assert_close(moe.gate.e_score_correction_bias, expected)
+    assert moe.expert_load.sum() == 0
+    assert "e_score_correction_bias" not in {n.split(".")[-1] for n, _ in model.named_parameters()}
+
+
+def test_sequence_balance_loss_matches_its_definition():
+    model = build_model(micro(num_hidden_layers=2))
+    model.set_moe_balancing(seq_aux_alpha=0.01)
+    moe = model.moe_layers()[0]
+    x = torch.randn(2, 5, 64)
+    moe(x)
+    _, ids, scores = moe.gate(x.view(-1, 64))
+    E, K, T = 8, 2, 5
+    expected = 0.0
+    for b in range(2):
+        s = scores.view(2, T, E)[b]
+        P = (s / s.sum(-1, keepdim=True)).mean(0)
+        f = torch.bincount(ids.view(2, T * K)[b], minlength=E).float() * E / (K * T)
+        expected += 0.01 * (f * P).sum() / 2
+    torch.testing.assert_close(moe.aux_loss, expected)
+    assert model.balance_loss().requires_grad
+
+
+# ----- gradients and MTP -----------------------------------------------------------------------------
+def test_gradients_reach_every_trainable_parameter_including_mtp():
+    model = build_model(micro(num_nextn_predict_layers=1, q_lora_rank=None), seed=1)
+    model.set_moe_balancing(seq_aux_alpha=0.01)
+    ids = torch.randint(0, 40, (4, 24), generator=torch.Generator().manual_seed(0))
+    hidden = model.hidden_states(ids)
+    logits = model.lm_head(model.model.norm(hidden))
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 40), ids[:, 1:].reshape(-1))
+    (loss + 0.3 * model.mtp_loss(hidden, ids) + model.balance_loss()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert no_grad == []
+    assert all(not b.requires_grad for n, b in model.named_buffers())
+
+
+def test_mtp_loss_respects_the_loss_mask():
+    model = build_model(micro(num_nextn_predict_layers=2), seed=2)
+    ids = torch.randint(0, 40, (2, 12), generator=torch.Generator().manual_seed(0))
+    hidden = model.hidden_states(ids)
+    depth_logits = model.mtp_logits(hidden, ids)
+    assert [tuple(lg.shape) for lg in depth_logits] == [(2, 11, 40), (2, 10, 40)]
+    mask = torch.zeros_like(ids)
+    mask[:, 8:] = 1
+    lg1 = depth_logits[0][:, :-1]  # depth 1: position i predicts token i + 2
+    ce1 = torch.nn.functional.cross_entropy(lg1.reshape(-1, 40), ids[:, 2:].reshape(-1), reduction="none").view(2, 10)
+    lg2 = depth_logits[1][:, :-1]
+    ce2 = torch.nn.functional.cross_entropy(lg2.reshape(-1, 40), ids[:, 3:].reshape(-1), reduction="none").view(2, 9)
+    expected = (ce1[:, 6:].mean() + ce2[:, 5:].mean()) / 2
+    torch.testing.assert_close(model.mtp_loss(hidden, ids, mask), expected)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = build_model(micro(), seed=3).train()
+        model.model.gradient_checkpointing = ckpt
+        model(torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))).sum().backward()
+        grads.append(model.model.layers[1].self_attn.kv_b_proj.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# ----- tokenizer ----------------------------------------------------------------------------------------
+def test_char_tokenizer_saves_in_hf_format_and_keeps_tags_whole(tmp_path):
+    tok = build_char_tokenizer()
+    text = "<think>12+30=42</think><answer>42</answer>"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert len(ids) == 4 + len("12+30=42") + len("42")
+    tok.save_pretrained(tmp_path)
+    for loaded in (load_tokenizer(tmp_path), AutoTokenizer.from_pretrained(tmp_path)):
+        assert loaded(text, add_special_tokens=False).input_ids == ids
+        assert loaded.decode(ids) == text
+        assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)
+        prompt = loaded.apply_chat_template([{"role": "user", "content": "1+1?"}], tokenize=False, add_generation_prompt=True)
+        assert prompt == "<bos>User: 1+1?\nAssistant:"
+
+
+def test_missing_tokenizer_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tokenizer(tmp_path / "nope")
