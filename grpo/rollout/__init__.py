@@ -1,0 +1,9 @@
+"""Rollouts: for each prompt, n sampled completions with their token ids and log-probabilities.
+
+`Engine` is our own (paged latent KV cache, prefix sharing, continuous batching); `VLLMEngine` serves the
+same interface through vLLM where it is installed."""
+
+from .outputs import Completion, RequestOutput
+from .sampling_params import SamplingParams
+
+__all__ = ["Completion", "RequestOutput", "SamplingParams"]

@@ -1,0 +1,152 @@
+"""Our rollout engine: request -> sequences -> scheduler -> runner -> sampler -> sequences -> outputs.
+
+A prompt with n samples is prefilled once and its n sequences share the prompt's blocks; identical
+prompts in one call share them too. Every step decodes all running sequences together; finished ones
+free their blocks and waiting ones are admitted at once. The engine holds the trainer's model object
+itself, so an optimizer step is seen by the next `generate` with no copy (the absorbed MLA weights are
+re-derived when their version changes)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence as Seq
+
+import torch
+from tqdm.auto import tqdm
+
+from model import CausalLM
+
+from .block_manager import BlockManager
+from .model_runner import ModelRunner
+from .outputs import Completion, RequestOutput
+from .sampler import sample
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence, Status
+
+
+class Engine:
+    """Generates completions with our DeepSeek-V3 model over a paged latent KV cache.
+
+    cache_memory_bytes: the pool's size (rounded down to whole blocks); or give num_blocks.
+    tokenizer: needed for stop strings and returned text; its eos_token_id ends sequences.
+    """
+
+    def __init__(self, model: CausalLM, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
+                 cache_memory_bytes: int = 256 * 1024**2, max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
+                 seed: int = 0):
+        self.model, self.tokenizer = model, tokenizer
+        cfg = model.config
+        bytes_per_block = cfg.num_hidden_layers * cfg.latent_dim * block_size * model.lm_head.weight.element_size()
+        self.num_blocks = num_blocks or max(1, cache_memory_bytes // bytes_per_block)
+        self.block_size = block_size
+        self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
+        self.runner = ModelRunner(model, self.num_blocks, block_size)
+        self.block_manager = BlockManager(self.num_blocks, block_size)
+        self.seed_source = random.Random(seed)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = cfg.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.last_stats: dict[str, int] = {}
+
+    def update_weights(self, model: CausalLM | None = None) -> None:
+        """The engine already runs the trainer's model in place; pass a different model object to swap."""
+        if model is not None and model is not self.model:
+            self.model = self.runner.model = model
+
+    # ----- the generate loop ----------------------------------------------------------------------------
+    def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """prompts: token ids per request; params: one for all or one per request.
+        Returns, per request in order, its n completions."""
+        params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
+        for i, (p, sp) in enumerate(zip(prompts, params_list)):
+            self._check_fits(i, len(p), sp)
+        if any(sp.stop for sp in params_list) and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: Engine(model, tokenizer)")
+
+        self.block_manager = BlockManager(self.num_blocks, self.block_size)
+        scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_prefill_tokens)
+        groups: dict[tuple[int, ...], Sequence] = {}
+        for i, (p, sp) in enumerate(zip(prompts, params_list)):
+            key = tuple(p)
+            if key not in groups:  # identical prompts share one prefill and its blocks
+                groups[key] = Sequence(list(p), sp)
+                scheduler.add(groups[key])
+            groups[key].fan_out.extend((i, k, sp) for k in range(sp.n))
+        outputs = [RequestOutput(list(p), [None] * sp.n) for p, sp in zip(prompts, params_list)]  # type: ignore[list-item]
+        total = sum(sp.n for sp in params_list)
+        bar = tqdm(total=total, desc="rollout", unit="seq", disable=not use_tqdm)
+        steps = 0
+        while not scheduler.done:
+            batch, prefill, copies = scheduler.schedule()
+            self.runner.copy_blocks(copies)
+            logits = self.runner.forward(batch, prefill)
+            steps += 1
+            rows, seqs = [], []
+            for row, seq in enumerate(batch):
+                if seq.fan_out:  # a prompt: fork it into its samples, each taking a first token
+                    for request, k, sp in seq.fan_out:
+                        child = Sequence(seq.token_ids, sp, request, k, self._generator(sp, k))
+                        self.block_manager.fork(seq, child)
+                        child.num_cached, child.status = seq.num_cached, Status.RUNNING
+                        scheduler.running.append(child)
+                        rows.append(row)
+                        seqs.append(child)
+                    self.block_manager.free(seq)
+                else:
+                    if prefill:  # a preempted sequence, recomputed
+                        scheduler.running.append(seq)
+                    rows.append(row)
+                    seqs.append(seq)
+            tokens, logprobs = sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs])
+            for seq, token, logprob in zip(seqs, tokens, logprobs):
+                seq.append(token, logprob)
+                reason = self._finish_reason(seq)
+                if reason:
+                    scheduler.finish(seq, reason)
+                    outputs[seq.request_index].completions[seq.sample_index] = self._completion(seq)
+                    bar.update(1)
+        bar.close()
+        self.last_stats = {"steps": steps, "preemptions": scheduler.num_preemptions,
+                           "blocks_allocated": self.block_manager.blocks_allocated}
+        return outputs
+
+    # ----- helpers -----------------------------------------------------------------------------------------
+    def _check_fits(self, index: int, prompt_len: int, sp: SamplingParams) -> None:
+        if prompt_len == 0:
+            raise ValueError(f"request {index}: empty prompt")
+        longest = prompt_len + sp.max_tokens
+        limit = self.model.config.max_position_embeddings
+        if longest > limit:
+            raise ValueError(f"request {index}: prompt of {prompt_len} tokens + max_tokens {sp.max_tokens} = {longest} "
+                             f"exceeds the model's context of {limit} tokens")
+        blocks = self.block_manager.blocks_for(longest) + 1
+        if blocks > self.num_blocks:
+            raise ValueError(f"request {index}: one sequence of up to {longest} tokens needs {blocks} cache blocks but "
+                             f"the pool has {self.num_blocks}; raise cache_memory_bytes")
+
+    def _generator(self, sp: SamplingParams, k: int) -> torch.Generator | None:
+        if sp.greedy:
+            return None
+        seed = (sp.seed * 1_000_003 + k) if sp.seed is not None else self.seed_source.getrandbits(63)
+        return torch.Generator().manual_seed(seed % (2**63))
+
+    def _finish_reason(self, seq: Sequence) -> str | None:
+        sp, token = seq.params, seq.token_ids[-1]
+        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_ids):
+            return "stop"
+        if sp.stop:
+            text = self.tokenizer.decode(seq.completion_ids)
+            if any(s in text for s in sp.stop):
+                return "stop"
+        if seq.num_completion_tokens >= sp.max_tokens:
+            return "length"
+        return None
+
+    def _completion(self, seq: Sequence) -> Completion:
+        text = self.tokenizer.decode(seq.completion_ids) if self.tokenizer is not None else None
+        return Completion(seq.completion_ids, list(seq.logprobs), seq.finish_reason or "length", text)

@@ -1,0 +1,25 @@
+"""What a rollout returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Completion:
+    """One sampled completion: its tokens, the log-probability of each under the policy that sampled it
+    (after temperature, before top-k/top-p/min-p filtering: the distribution the trainer recomputes), and
+    why it ended: "stop" (a stop token or string) or "length" (max_tokens)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    text: str | None = None
+
+
+@dataclass
+class RequestOutput:
+    """A prompt and its n completions, in the order of the request."""
+
+    prompt_token_ids: list[int]
+    completions: list[Completion] = field(default_factory=list)

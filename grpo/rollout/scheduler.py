@@ -1,0 +1,79 @@
+"""Decides what runs each step: admit waiting sequences (a prefill) while blocks and batch room last,
+otherwise decode every running sequence; when the pool runs dry, preempt the newest running sequences
+(their blocks freed, recomputed later). Never touches tensors."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_prefill_tokens: int):
+        self.blocks = block_manager
+        self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> tuple[list[Sequence], bool, list[tuple[int, int]]]:
+        """-> (sequences to run, whether it is a prefill, block copies to make first)."""
+        batch = self._admit()
+        if batch:
+            return batch, True, []
+        return self._prepare_decode()
+
+    def _admit(self) -> list[Sequence]:
+        batch: list[Sequence] = []
+        seats = len(self.running)
+        longest = 0
+        while self.waiting:
+            seq = self.waiting[0]
+            fan_out = max(1, len(seq.fan_out))
+            # The prompt's blocks, plus one per sample for its first own block (copy on write or a new one).
+            need = self.blocks.blocks_for(seq.num_tokens) + fan_out
+            longest = max(longest, seq.num_tokens)
+            too_many = seats + fan_out > self.max_num_seqs
+            too_long = batch and longest * (len(batch) + 1) > self.max_prefill_tokens
+            if too_many or too_long or need > self.blocks.num_free:
+                if not batch and not self.running and need > self.blocks.num_free:
+                    raise MemoryError(f"a sequence of {seq.num_tokens} tokens x {fan_out} samples needs {need} "
+                                      f"blocks; the pool has {self.blocks.num_free} free of {self.blocks.num_blocks}")
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq, seq.num_tokens)
+            seq.status = Status.RUNNING
+            batch.append(seq)
+            seats += fan_out
+        return batch
+
+    def _prepare_decode(self) -> tuple[list[Sequence], bool, list[tuple[int, int]]]:
+        while sum(self.blocks.blocks_to_append(s) for s in self.running) > self.blocks.num_free:
+            if len(self.running) == 1:
+                raise MemoryError(f"{self.running[0]} cannot grow: the pool of {self.blocks.num_blocks} blocks is too small")
+            self.preempt(self.running.pop())
+        copies = [c for s in self.running if (c := self.blocks.prepare_append(s)) is not None]
+        return list(self.running), False, copies
+
+    def preempt(self, seq: Sequence) -> None:
+        """Frees seq's blocks; it waits at the front of the queue to be recomputed from its tokens."""
+        self.blocks.free(seq)
+        seq.num_cached = 0
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        self.blocks.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
