@@ -124,7 +124,7 @@ def read_hf_tensors(path: str | Path, block: tuple[int, int] = (128, 128)) -> It
 def _checkpoint_has_mtp(path: Path, num_layers: int) -> bool:
     for file in _checkpoint_files(path):
         with safe_open(str(file), framework="pt") as f:
-            if any((m := _LAYER.match(k)) and int(m.group(1)) >= num_layers for k in f.keys()):
+            if any((m := _LAYER.match(k)) and int(m.group(1)) >= num_layers for k in f.keys()):  # noqa: SIM118 - safe_open is not a dict
                 return True
     return False
 

@@ -138,7 +138,7 @@ class ModelConfig:
             need(self.n_group >= 1 and E % self.n_group == 0,
                  f"n_routed_experts={E} must be divisible by n_group={self.n_group}")
             need(1 <= self.topk_group <= self.n_group, f"topk_group={self.topk_group} must be in 1..n_group={self.n_group}")
-            need(K <= self.topk_group * (E // self.n_group),
+            need(self.topk_group * (E // self.n_group) >= K,
                  f"num_experts_per_tok={K} exceeds the experts in topk_group={self.topk_group} groups")
         if self.topk_method == "noaux_tc":
             need(self.scoring_func == "sigmoid", "topk_method 'noaux_tc' needs scoring_func 'sigmoid'")

@@ -98,7 +98,7 @@ def test_correction_bias_chooses_experts_but_does_not_weigh_them():
     with torch.no_grad():
         gate.weight.normal_()
     x = torch.randn(5, 64)
-    w0, ids0, scores = gate(x)
+    _, _, scores = gate(x)
     with torch.no_grad():
         gate.e_score_correction_bias[7] = 100.0  # expert 7 now always chosen
     w1, ids1, _ = gate(x)
