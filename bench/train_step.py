@@ -22,8 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model import LatentCache, build_model, load_pretrained  # noqa: E402
-from model.presets import preset_config  # noqa: E402
+from model import LatentCache, build_model, load_pretrained
+from model.presets import preset_config
 
 VOCAB = 50  # the peers' character tokenizer
 

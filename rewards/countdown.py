@@ -43,7 +43,7 @@ _SYMBOLS = {"×": "*", "·": "*", "÷": "/", "−": "-", "\\times": "*", "\\cdot
 
 def _normalize(text: str) -> str:
     text = text.strip().strip("$").strip()
-    if text.startswith("\\(") and text.endswith("\\)") or text.startswith("\\[") and text.endswith("\\]"):
+    if (text.startswith("\\(") and text.endswith("\\)")) or (text.startswith("\\[") and text.endswith("\\]")):
         text = text[2:-2]
     for symbol, ascii_op in _SYMBOLS.items():
         text = text.replace(symbol, ascii_op)

@@ -128,7 +128,7 @@ class _Call:
     def _run(self, fn: RewardFn, args: tuple[Any, ...]) -> None:
         try:
             self.value = _invoke(fn, *args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+        except BaseException as exc:
             self.error = exc
         finally:
             self.seconds = time.perf_counter() - self.started

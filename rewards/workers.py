@@ -185,7 +185,7 @@ class WorkerPool:
                 index = pending.popleft()
                 try:
                     message = pickle.dumps((ref, arg_tuples[index]))
-                except Exception as exc:  # noqa: BLE001 - any pickling failure is this task's error
+                except Exception as exc:
                     results[index] = TaskResult(False, error=f"cannot send the arguments: {exc}")
                     continue
                 try:
@@ -304,7 +304,7 @@ def _worker_main(argv: list[str]) -> None:
                     fn = getattr(fn, part)
                 functions[(module, qualname)] = fn
             reply = (True, fn(*args))
-        except BaseException as exc:  # noqa: BLE001 - reported to the parent, worker keeps serving
+        except BaseException as exc:
             reply = (False, f"{type(exc).__name__}: {exc}")
         try:
             send_conn.send(reply)

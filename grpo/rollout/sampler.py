@@ -42,8 +42,11 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
             torch.tensor([p.top_k for p in params], device=logits.device),
             torch.tensor([p.top_p for p in params], device=logits.device, dtype=torch.float32),
             torch.tensor([p.min_p for p in params], device=logits.device, dtype=torch.float32))
-        for i, (g, gen) in enumerate(zip(greedy, generators)):
-            if not g:
-                tokens[i] = torch.multinomial(probs[i], 1, generator=gen)[0]
+        # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i. Each row
+        # draws its noise from its own generator, so a seeded sequence samples alike in any batch.
+        noise = torch.stack([torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
+                             for gen in generators])
+        sampled = (probs / noise).argmax(dim=-1)
+        tokens = torch.where(torch.tensor(greedy, device=tokens.device), tokens, sampled)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]
     return tokens.tolist(), chosen.tolist()
