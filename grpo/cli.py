@@ -43,6 +43,26 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """GRPO training from a recipe."""
+    from .checkpointing import latest_checkpoint
+    from .config import load_recipe
+    from .trainer import GRPOTrainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not args.resume and latest_checkpoint(recipe.output_dir) is not None:
+        print(f"error: {recipe.output_dir} already holds checkpoints: pass --resume to continue, or choose "
+              f"another output_dir (output_dir=...)", file=sys.stderr)
+        return 2
+    trainer = GRPOTrainer(recipe, resume=args.resume)
+    history = trainer.train()
+    if history:
+        last = history[-1]
+        print(f"step {last['step']}: reward {last['reward']:.3f}, mean length {last['completions/mean_length']:.1f}")
+    print(f"checkpoints in {Path(recipe.output_dir) / 'checkpoints'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="The DeepSeek-R1 recipe: GRPO on DeepSeek-V3.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtp", type=int, default=0, help="number of multi-token prediction depths")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty directory")
     p.set_defaults(func=cmd_new_model)
+    p = sub.add_parser("train", help="GRPO training from a YAML recipe")
+    p.add_argument("recipe", help="path to a YAML recipe")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. algorithm.beta=0.04")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.set_defaults(func=cmd_train)
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)

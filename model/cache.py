@@ -46,6 +46,11 @@ class CacheView:
     write_slots: torch.Tensor
     context_slots: torch.Tensor
 
+    @property
+    def context_len(self) -> int:
+        """S: how many positions each sequence attends over (the longest context in the batch)."""
+        return self.context_slots.shape[1]
+
     def write(self, layer: int, latent: torch.Tensor) -> None:
         """latent [B, T, r + dr] -> the layer's slots."""
         flat_slots = self.write_slots.reshape(-1)
@@ -58,6 +63,36 @@ class CacheView:
         B, S = self.context_slots.shape
         # index_select copies whole rows: several times faster than advanced indexing here.
         return self.cache.data[layer].index_select(0, self.context_slots.reshape(-1)).view(B, S, -1)
+
+
+@dataclass
+class StagedCacheView(CacheView):
+    """A decode view that also keeps the batch's context in a contiguous staging tensor.
+
+    On a CPU without a paged-attention kernel, gathering every sequence's blocks each step costs more than
+    the attention itself. While the batch stays the same, the staging copy (gathered once from the pool)
+    receives each new latent beside the pool, and attention reads it in place.
+
+    staging:         [L, B, capacity, r + dr], the context of the batch's sequences in position order.
+    write_positions: [B, T] staging position of each new token (-1: padding).
+    length:          S, the context length this step.
+    """
+
+    staging: torch.Tensor = None  # type: ignore[assignment]
+    write_positions: torch.Tensor = None  # type: ignore[assignment]
+    length: int = 0
+
+    @property
+    def context_len(self) -> int:
+        return self.length
+
+    def write(self, layer: int, latent: torch.Tensor) -> None:
+        super().write(layer, latent)
+        rows, cols = (self.write_positions >= 0).nonzero(as_tuple=True)
+        self.staging[layer, rows, self.write_positions[rows, cols]] = latent[rows, cols].to(self.staging.dtype)
+
+    def read(self, layer: int) -> torch.Tensor:
+        return self.staging[layer, :, : self.length]
 
 
 def contiguous_view(cache: LatentCache, positions: torch.Tensor, max_len: int) -> CacheView:

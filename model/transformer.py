@@ -123,7 +123,7 @@ class CausalLM(nn.Module):
                         cache: CacheView | None) -> torch.Tensor | None:
         """[B, T, S] bool, True where query t may attend to key s; None for plain causal."""
         if cache is not None:  # context slots are in position order: key s sits at position s
-            S = cache.context_slots.shape[1]
+            S = cache.context_len
             return torch.arange(S, device=positions.device)[None, None, :] <= positions[:, :, None]
         if attention_mask is None:
             return None

@@ -69,6 +69,7 @@ class Engine:
             raise ValueError("stop strings need a tokenizer: Engine(model, tokenizer)")
 
         self.block_manager = BlockManager(self.num_blocks, self.block_size)
+        self.runner.reset()
         scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_prefill_tokens)
         groups: dict[tuple[int, ...], Sequence] = {}
         for i, (p, sp) in enumerate(zip(prompts, params_list)):

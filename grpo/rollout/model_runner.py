@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from model import CacheView, CausalLM, LatentCache
+from model.cache import StagedCacheView
 
 from .sequence import Sequence
 
@@ -17,6 +18,13 @@ class ModelRunner:
         self.block_size = block_size
         device = model.lm_head.weight.device
         self.cache = LatentCache(model.config, num_blocks * block_size, dtype or model.lm_head.weight.dtype, device)
+        self.stage_headroom = 64  # decode steps a staging copy lasts before it is regathered
+        self._stage_key: list[int] = []
+        self._staging: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        """Forget the staging copy (a new generate call, or new weights)."""
+        self._stage_key, self._staging = [], None
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src's latents (all layers) into block dst."""
@@ -32,6 +40,24 @@ class ModelRunner:
         slots = tables.gather(1, p // self.block_size) * self.block_size + p % self.block_size
         return torch.where(positions >= 0, slots, torch.full_like(slots, -1))
 
+    def _context_slots(self, seqs: list[Sequence], width: int) -> torch.Tensor:
+        """[B, width] slots of positions 0..width-1 of each sequence (slot 0 past its end: masked)."""
+        context = torch.arange(width).expand(len(seqs), width)
+        lens = torch.tensor([s.num_tokens for s in seqs])[:, None]
+        return self._slots(seqs, torch.where(context < lens, context, torch.full_like(context, -1))).clamp(min=0)
+
+    def _staged_view(self, seqs: list[Sequence], positions: torch.Tensor, S: int) -> StagedCacheView:
+        """Decode view over the staging copy, regathered from the pool when the batch changed or outgrew it."""
+        key = [s.seq_id for s in seqs]
+        if key != self._stage_key or self._staging is None or S > self._staging.shape[2]:
+            capacity = S + self.stage_headroom
+            slots = self._context_slots(seqs, capacity).reshape(-1)
+            L, _, D = self.cache.data.shape
+            self._staging = self.cache.data.index_select(1, slots).view(L, len(seqs), capacity, D)
+            self._stage_key = key
+        return StagedCacheView(self.cache, self._slots(seqs, positions), positions.new_zeros(0, 0),
+                               staging=self._staging, write_positions=positions, length=S)
+
     @torch.no_grad()
     def forward(self, seqs: list[Sequence], prefill: bool) -> torch.Tensor:
         """Feeds each sequence's uncached tokens; returns the logits of its last token [B, V] (float32)."""
@@ -44,9 +70,10 @@ class ModelRunner:
             ids[b, : n - c] = torch.tensor(s.token_ids[c:n])
             positions[b, : n - c] = torch.arange(c, n)
         S = max(lens)
-        context = torch.arange(S).expand(len(seqs), S)
-        context = torch.where(context < torch.tensor(lens)[:, None], context, torch.full_like(context, -1))
-        view = CacheView(self.cache, self._slots(seqs, positions), self._slots(seqs, context).clamp(min=0))
+        if prefill:
+            view: CacheView = CacheView(self.cache, self._slots(seqs, positions), self._context_slots(seqs, S))
+        else:
+            view = self._staged_view(seqs, positions, S)
         device = self.model.lm_head.weight.device
         hidden = self.model.hidden_states(ids.to(device), positions.clamp(min=0).to(device), cache=view,
                                           absorb=not prefill)

@@ -1,0 +1,245 @@
+"""Recipes: typed dataclass sections loaded from YAML, with `key.sub=value` overrides from the command line.
+An unknown key or a bad value stops before any work, with a message naming it and what is allowed."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe key or value that is not allowed."""
+
+
+@dataclass
+class ModelSection:
+    path: str | None = None  # a Hugging Face checkpoint directory
+    preset: str | None = None  # or build from scratch: tiny, micro, tiny-vllm (model/presets.py)
+    tokenizer: str | None = None  # a tokenizer directory; default: the model's, else the built-in "char"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    mtp: int = 0  # MTP depths when building from scratch
+    overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields when building from scratch
+
+
+@dataclass
+class DataSection:
+    source: str = "addition"  # a built-in task (addition, arithmetic, countdown), a .jsonl/.parquet file, a hub name
+    split: str = "train"
+    limit: int | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
+    field_map: dict[str, str] = field(default_factory=dict)  # column renames, e.g. {question: prompt}
+    template: str = "r1_zero"  # r1_zero, chat, plain, tiny, or a format string with {prompt}
+    eval_source: str | None = None  # held-out rows for eval_steps; default: the same task with another seed
+    eval_limit: int = 64
+
+
+@dataclass
+class RewardSpec:
+    name: str = "accuracy"  # a registry name, pkg.mod:fn or path/file.py:fn
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class SamplingSection:
+    num_generations: int = 8  # G, completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    max_completion_length: int = 256
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RolloutSection:
+    backend: Literal["ours", "vllm"] = "ours"
+    cache_memory_mb: int = 256
+    block_size: int = 16
+    max_num_seqs: int = 256
+
+
+@dataclass
+class AlgorithmSection:
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # clip-higher (DAPO uses 0.28); default: epsilon
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    beta: float = 0.0  # KL to a frozen reference; 0 builds no reference model
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    num_iterations: int = 1  # mu: updates per generation
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill from more prompts
+    max_sampling_rounds: int = 3
+    mask_truncated_completions: bool = False
+    entropy_coef: float = 0.0
+    rollout_is_cap: float | None = None  # truncated importance-sampling correction of rollout/trainer mismatch
+    router_bias_update_speed: float = 0.0  # aux-loss-free balancing during RL; 0 freezes the bias
+
+
+@dataclass
+class OptimSection:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    micro_batch_size: int = 32  # completions per forward/backward
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class LoggingSection:
+    log_every: int = 1
+    save_every: int = 50
+    keep_last: int = 2
+    eval_steps: int = 0  # 0: no periodic evaluation
+    tensorboard: bool = True
+    completions_per_step: int = 4  # written to completions.jsonl
+    progress_bar: bool = True
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "runs/grpo"
+    max_steps: int = 100
+    seed: int = 0
+    prompts_per_step: int = 8
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy"), RewardSpec("format")])
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    reward_on_error: Literal["raise", "none"] = "raise"
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, msg: str) -> None:
+            if not ok:
+                raise RecipeError(f"{key}: {msg}")
+
+        need(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
+        need(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+        need((self.model.path is None) != (self.model.preset is None), "model",
+             "give exactly one of model.path (a checkpoint) or model.preset (build from scratch)")
+        need(self.sampling.num_generations >= 2, "sampling.num_generations",
+             f"GRPO compares samples within a group: needs >= 2, got {self.sampling.num_generations}")
+        need(self.sampling.max_completion_length >= 1, "sampling.max_completion_length", "must be >= 1")
+        need(self.sampling.temperature > 0, "sampling.temperature", "must be > 0 for GRPO sampling")
+        need(0 < self.sampling.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.sampling.top_p}")
+        need(self.algorithm.epsilon > 0, "algorithm.epsilon", "must be > 0")
+        need(self.algorithm.beta >= 0, "algorithm.beta", "must be >= 0")
+        need(self.algorithm.num_iterations >= 1, "algorithm.num_iterations", "must be >= 1")
+        need(self.optim.lr > 0, "optim.lr", "must be > 0")
+        need(self.optim.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
+        need(len(self.rewards) >= 1, "rewards", "name at least one reward")
+        need(self.logging.keep_last >= 1, "logging.keep_last", "must be >= 1")
+        need(self.logging.save_every >= 1, "logging.save_every", "must be >= 1")
+
+
+# ----- loading ----------------------------------------------------------------------------------------------
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Checks `value` against the type hint `hint`, building nested dataclasses; names `key` on error."""
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping of {hint.__name__} fields, got {value!r}")
+        return _build(hint, value, key)
+    if origin is Literal:
+        allowed = get_args(hint)
+        if value not in allowed:
+            raise RecipeError(f"{key}: {value!r} is not allowed; allowed: {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except RecipeError as e:
+                errors.append(str(e))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {hint}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {value!r}")
+        (item,) = get_args(hint) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool):
+        if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+            raise RecipeError(f"{key}: expected {hint.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else k
+        if k not in names:
+            raise RecipeError(f"unknown key {key!r}; allowed here: {', '.join(names)}")
+        if cls is Recipe and k == "rewards" and isinstance(v, list):
+            v = [{"name": r} if isinstance(r, str) else r for r in v]
+        kwargs[k] = _coerce(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'algorithm.beta=0.04' -> (['algorithm', 'beta'], 0.04); the value is read as YAML."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Reads a YAML recipe (or the defaults when path is None), applies overrides, validates."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise RecipeError(f"recipe {path} does not exist")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise RecipeError(f"recipe {path}: expected a mapping at the top level")
+        data = loaded or {}
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for i, k in enumerate(keys[:-1]):
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override {text!r}: {'.'.join(keys[:i + 1])} is not a section")
+        node[keys[-1]] = value
+    recipe = _build(Recipe, data)
+    recipe.validate()
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)

@@ -1,0 +1,417 @@
+"""The R1 loop, one step at a time: sample prompts, generate G completions each, score them, compute
+group-relative advantages, update the policy, log, checkpoint. Losses and advantages are pure functions
+(grpo/losses.py, grpo/advantages.py); this file wires them to the model, the engine and the rewards."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import rewards as rewards_lib
+from model import CausalLM, build_model, load_pretrained
+from model.presets import preset_config
+from model.tokenizer import build_char_tokenizer, load_tokenizer
+
+from .advantages import group_advantages
+from .checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from .config import Recipe, RecipeError, recipe_to_dict
+from .data import PromptSampler, check_columns, load_rows
+from .logprobs import token_logprobs, token_logprobs_and_entropy
+from .losses import policy_loss, truncated_is_weights
+from .rollout import SamplingParams
+from .templates import render_prompt
+
+
+# ----- building the pieces -----------------------------------------------------------------------------------
+def build_tokenizer(recipe: Recipe):
+    m = recipe.model
+    if m.tokenizer and m.tokenizer != "char":
+        return load_tokenizer(m.tokenizer)
+    if m.tokenizer is None and m.path and (Path(m.path) / "tokenizer_config.json").exists():
+        return load_tokenizer(m.path)
+    return build_char_tokenizer()
+
+
+def build_policy(recipe: Recipe, tokenizer) -> CausalLM:
+    m = recipe.model
+    dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
+    if m.path:
+        return load_pretrained(m.path, dtype=dtype)
+    cfg = preset_config(m.preset, vocab_size=len(tokenizer), num_nextn_predict_layers=m.mtp, **m.overrides)
+    return build_model(cfg, seed=recipe.seed).to(dtype)
+
+
+def build_engine(recipe: Recipe, model: CausalLM, tokenizer, checkpoint_dir: Path | None = None):
+    r = recipe.rollout
+    if r.backend == "vllm":
+        from .rollout.vllm_backend import VLLMEngine
+
+        if checkpoint_dir is None:
+            raise RecipeError("rollout.backend: vllm needs a checkpoint directory to start from")
+        return VLLMEngine(str(checkpoint_dir))
+    from .rollout.engine import Engine
+
+    return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
+                  max_num_seqs=r.max_num_seqs, seed=recipe.seed)
+
+
+def lr_lambda(recipe: Recipe):
+    o = recipe.optim
+
+    def factor(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = (step - o.warmup_steps) / max(1, recipe.max_steps - o.warmup_steps)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+@dataclass
+class Rollout:
+    """One step's generations, flattened group by group: P prompts x G completions."""
+
+    prompt_ids: list[list[int]]  # [P*G]
+    completion_ids: list[list[int]]  # [P*G]
+    rollout_logprobs: list[list[float]]  # [P*G]
+    finish_reasons: list[str]
+    rewards: torch.Tensor  # [P*G] weighted total
+    per_function: dict[str, list[float | None]]
+    texts: list[str]
+    prompts: list[str]
+
+
+# ----- the trainer ------------------------------------------------------------------------------------------
+class GRPOTrainer:
+    def __init__(self, recipe: Recipe, resume: bool = False, world_rank: int = 0, world_size: int = 1):
+        self.recipe = recipe
+        self.rank, self.world_size = world_rank, world_size
+        self.out = Path(recipe.output_dir)
+        torch.manual_seed(recipe.seed)
+        self.tokenizer = build_tokenizer(recipe)
+        d = recipe.data
+        rows = load_rows(d.source, split=d.split, limit=d.limit, seed=recipe.seed, task_options=d.task_options,
+                         field_map=d.field_map)
+        check_columns(rows, ["prompt"], d.source)
+        self.rewards = rewards_lib.RewardSet.from_config(
+            [{"reward": r.name, "weight": r.weight, "options": r.options} for r in recipe.rewards],
+            on_error=recipe.reward_on_error)
+        self.prompt_text = [render_prompt(row, d.template, self.tokenizer) for row in rows]
+        self.prompt_tokens = [self._encode(t) for t in self.prompt_text]
+        self.rows = rows
+        self.policy = build_policy(recipe, self.tokenizer)
+        self._check_context()
+        self.policy.model.gradient_checkpointing = recipe.optim.gradient_checkpointing
+        self.policy.set_moe_balancing(track_load=recipe.algorithm.router_bias_update_speed > 0)
+        self.reference = None
+        if recipe.algorithm.beta > 0:
+            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        o = recipe.optim
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=tuple(o.betas),
+                                           weight_decay=o.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe))
+        self.sampler = PromptSampler(len(rows), recipe.prompts_per_step, seed=recipe.seed, rank=world_rank,
+                                     world_size=world_size)
+        self.step = 0
+        if resume:
+            self._resume()
+        self.engine = build_engine(recipe, self.policy, self.tokenizer)
+
+    def _encode(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and (not ids or ids[0] != bos) and self.recipe.data.template != "chat":
+            ids = [bos, *ids]
+        return ids
+
+    def _check_context(self) -> None:
+        limit = self.policy.config.max_position_embeddings
+        budget = limit - self.recipe.sampling.max_completion_length
+        for i, ids in enumerate(self.prompt_tokens):
+            if len(ids) > budget:
+                raise RecipeError(
+                    f"data: prompt {i} is {len(ids)} tokens; with sampling.max_completion_length "
+                    f"{self.recipe.sampling.max_completion_length} it exceeds the model's context of {limit}")
+
+    def _resume(self) -> None:
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            raise RecipeError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}")
+        dtype = next(self.policy.parameters()).dtype
+        loaded = load_pretrained(ckpt / "model", dtype=dtype)
+        self.policy.load_state_dict(loaded.state_dict())
+        state = load_state(ckpt)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.reference is not None and "reference" in state:
+            self.reference.load_state_dict(state["reference"])
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    # ----- one step ---------------------------------------------------------------------------------------------
+    def sampling_params(self) -> SamplingParams:
+        s = self.recipe.sampling
+        # A seed per step: a resumed run samples exactly what the uninterrupted one did.
+        return SamplingParams(n=s.num_generations, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                              min_p=s.min_p, max_tokens=s.max_completion_length, stop=list(s.stop),
+                              seed=self.recipe.seed * 100_003 + self.step * 7 + self.rank)
+
+    def rollout(self, indices: list[int]) -> Rollout:
+        G = self.recipe.sampling.num_generations
+        outputs = self.engine.generate([self.prompt_tokens[i] for i in indices], self.sampling_params())
+        completions = [c for o in outputs for c in o.completions]
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+        prompts = [self.prompt_text[i] for i in indices for _ in range(G)]
+        columns: dict[str, list[Any]] = {}
+        for key in self.rows[indices[0]]:
+            if key != "prompt":
+                columns[key] = [self.rows[i].get(key) for i in indices for _ in range(G)]
+        scores = self.rewards(prompts, texts, completion_ids=[c.token_ids for c in completions], **columns)
+        return Rollout(
+            prompt_ids=[self.prompt_tokens[i] for i in indices for _ in range(G)],
+            completion_ids=[c.token_ids for c in completions], rollout_logprobs=[c.logprobs for c in completions],
+            finish_reasons=[c.finish_reason for c in completions],
+            rewards=torch.tensor(scores.total, dtype=torch.float32), per_function=scores.per_function,
+            texts=texts, prompts=prompts)
+
+    def collect(self) -> tuple[Rollout, dict[str, float]]:
+        """This step's rollouts; with dynamic sampling (DAPO), groups whose rewards are all equal are dropped
+        and replaced by groups from further prompts, up to max_sampling_rounds."""
+        a, G = self.recipe.algorithm, self.recipe.sampling.num_generations
+        indices = self.sampler.next_indices()
+        ro = self.rollout(indices)
+        if not a.dynamic_sampling:
+            return ro, {}
+        want = len(indices)
+        kept = [self._select_groups(ro, self._groups_with_signal(ro))]
+        rounds = 1
+        while sum(len(k.completion_ids) for k in kept) // G < want and rounds < a.max_sampling_rounds:
+            more = self.rollout(self.sampler.next_indices())
+            kept.append(self._select_groups(more, self._groups_with_signal(more)))
+            rounds += 1
+        result = _concat_rollouts(kept)
+        groups = len(result.completion_ids) // G
+        stats = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/groups": float(min(groups, want))}
+        if groups == 0:
+            return ro, stats  # no group has signal: the gradient is zero either way
+        return (self._select_groups(result, list(range(want))) if groups > want else result), stats
+
+    def _groups_with_signal(self, ro: Rollout) -> list[int]:
+        G = self.recipe.sampling.num_generations
+        r = ro.rewards.view(-1, G)
+        return [g for g in range(r.shape[0]) if (r[g] != r[g, 0]).any()]
+
+    def _select_groups(self, ro: Rollout, groups: list[int]) -> Rollout:
+        G = self.recipe.sampling.num_generations
+        idx = [g * G + k for g in groups for k in range(G)]
+        return Rollout([ro.prompt_ids[i] for i in idx], [ro.completion_ids[i] for i in idx],
+                       [ro.rollout_logprobs[i] for i in idx], [ro.finish_reasons[i] for i in idx],
+                       ro.rewards[idx] if idx else ro.rewards[:0],
+                       {k: [v[i] for i in idx] for k, v in ro.per_function.items()},
+                       [ro.texts[i] for i in idx], [ro.prompts[i] for i in idx])
+
+    def _batch(self, ro: Rollout, rows: list[int]) -> dict[str, torch.Tensor]:
+        """Right-padded sequences and the completion-aligned gather index for micro-batch `rows`."""
+        seqs = [ro.prompt_ids[i] + ro.completion_ids[i] for i in rows]
+        L = max(len(s) for s in seqs)
+        T = max(len(ro.completion_ids[i]) for i in rows)
+        ids = torch.zeros(len(rows), L, dtype=torch.long)
+        targets = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        where = torch.zeros(len(rows), T, dtype=torch.long)
+        rollout_lp = torch.zeros(len(rows), T)
+        for b, i in enumerate(rows):
+            p, c = len(ro.prompt_ids[i]), len(ro.completion_ids[i])
+            ids[b, : p + c] = torch.tensor(seqs[b])
+            targets[b, :c] = torch.tensor(ro.completion_ids[i])
+            mask[b, :c] = True
+            where[b] = (p - 1 + torch.arange(T)).clamp(max=L - 1)  # the position that predicts token t
+            rollout_lp[b, :c] = torch.tensor(ro.rollout_logprobs[i])
+            if self.recipe.algorithm.mask_truncated_completions and ro.finish_reasons[i] == "length":
+                mask[b] = False
+        return {"ids": ids, "targets": targets, "mask": mask, "where": where, "rollout_logprobs": rollout_lp}
+
+    def completion_logprobs(self, model: CausalLM, batch: dict[str, torch.Tensor], entropy: bool = False):
+        """Per-token log-probabilities [B, T] (and entropy) of the completions, computed in chunks."""
+        hidden = model.model.norm(model.hidden_states(batch["ids"]))  # [B, L, D]
+        h = hidden.gather(1, batch["where"][..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, D]
+        temperature = self.recipe.sampling.temperature
+        if entropy:
+            return token_logprobs_and_entropy(h, model.lm_head.weight, batch["targets"], temperature)
+        return token_logprobs(h, model.lm_head.weight, batch["targets"], temperature), None
+
+    def train_step(self) -> dict[str, float]:
+        r, a = self.recipe, self.recipe.algorithm
+        t0 = time.perf_counter()
+        ro, stats = self.collect()
+        t_rollout = time.perf_counter() - t0
+        G = r.sampling.num_generations
+        adv = group_advantages(ro.rewards, G, scale_rewards=a.scale_rewards)
+        n = len(ro.completion_ids)
+        mb = r.optim.micro_batch_size
+        batches = [self._batch(ro, list(range(s, min(s + mb, n)))) for s in range(0, n, mb)]
+        advantages = adv.advantages.view(-1)
+        num_tokens = sum(int(b["mask"].sum()) for b in batches)
+        num_seqs = n
+        t1 = time.perf_counter()
+        # Old log-probs: needed when one generation feeds several updates, or to correct the rollout.
+        need_old = a.num_iterations > 1 or a.rollout_is_cap is not None
+        with torch.no_grad():
+            old = [self.completion_logprobs(self.policy, b)[0] for b in batches] if need_old else None
+            ref = [self.completion_logprobs(self.reference, b)[0] for b in batches] if self.reference else None
+        t_ref = time.perf_counter() - t1
+        sums: dict[str, float] = {}
+        mismatch_sum, mismatch_tokens = 0.0, 0
+        self.policy.train()
+        t2 = time.perf_counter()
+        grad_norm = 0.0
+        for _ in range(a.num_iterations):
+            for j, b in enumerate(batches):
+                start = j * mb
+                lp, ent = self.completion_logprobs(self.policy, b, entropy=a.entropy_coef != 0)
+                old_lp = old[j] if old is not None else lp.detach()
+                if _ == 0:
+                    diff = (old_lp - b["rollout_logprobs"]).abs() * b["mask"]
+                    mismatch_sum += float(diff.sum())
+                    mismatch_tokens += int(b["mask"].sum())
+                is_w = truncated_is_weights(old_lp, b["rollout_logprobs"], a.rollout_is_cap) \
+                    if a.rollout_is_cap is not None else None
+                loss, metrics = policy_loss(
+                    lp, old_lp, advantages[start:start + len(b["ids"])], b["mask"], loss_type=a.loss_type,
+                    epsilon=a.epsilon, epsilon_high=a.epsilon_high,
+                    importance_sampling_level=a.importance_sampling_level,
+                    ref_logprobs=ref[j] if ref is not None else None, beta=a.beta, kl_estimator=a.kl_estimator,
+                    num_items_in_batch=max(num_tokens, 1), num_sequences_in_batch=num_seqs,
+                    max_completion_length=r.sampling.max_completion_length, entropy=ent,
+                    entropy_coef=a.entropy_coef, rollout_is_weights=is_w)
+                loss.backward()
+                weight = float(b["mask"].sum())
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v) * weight
+                sums["loss"] = sums.get("loss", 0.0) + float(loss)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), r.optim.max_grad_norm))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if a.router_bias_update_speed > 0:
+            self.policy.update_router_bias(a.router_bias_update_speed)
+        t_update = time.perf_counter() - t2
+        self.step += 1
+        denom = max(num_tokens * a.num_iterations, 1)
+        lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float32)
+        m = {
+            "step": self.step,
+            "reward": float(ro.rewards.mean()) if n else 0.0,
+            "reward_std": float(ro.rewards.std()) if n > 1 else 0.0,
+            **{f"rewards/{k}/mean": _mean(v) for k, v in ro.per_function.items()},
+            "frac_reward_zero_std": float(adv.metrics["frac_reward_zero_std"]),
+            "completions/mean_length": float(lengths.mean()) if n else 0.0,
+            "completions/max_length": float(lengths.max()) if n else 0.0,
+            "completions/clipped_ratio": sum(f == "length" for f in ro.finish_reasons) / max(n, 1),
+            "loss": sums.pop("loss", 0.0) / max(len(batches) * a.num_iterations, 1),
+            **{k: v / denom for k, v in sums.items()},
+            "grad_norm": grad_norm,
+            "learning_rate": self.scheduler.get_last_lr()[0],
+            "rollout/logprob_abs_diff": mismatch_sum / max(mismatch_tokens, 1),
+            "time/rollout_s": t_rollout, "time/ref_old_logprobs_s": t_ref, "time/update_s": t_update,
+            "time/step_s": time.perf_counter() - t0,
+            "tokens_per_s": float(lengths.sum()) / max(time.perf_counter() - t0, 1e-9),
+            **stats,
+        }
+        self._last_rollout = ro
+        return m
+
+    # ----- the loop -------------------------------------------------------------------------------------------------
+    def train(self) -> list[dict[str, float]]:
+        r = self.recipe
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "recipe.json").write_text(json.dumps(recipe_to_dict(r), indent=2, default=str))
+        logger = MetricsLogger(self.out, r.logging.tensorboard and self.rank == 0)
+        history = []
+        bar = tqdm(total=r.max_steps, initial=self.step, desc="grpo", disable=not r.logging.progress_bar or self.rank)
+        while self.step < r.max_steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            if self.rank == 0:
+                if self.step % r.logging.log_every == 0:
+                    logger.log(metrics)
+                    logger.log_completions(self.step, self._last_rollout, r.logging.completions_per_step)
+                bar.set_postfix(reward=f"{metrics['reward']:.3f}", len=f"{metrics['completions/mean_length']:.0f}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.update(1)
+            if self.step % r.logging.save_every == 0 or self.step == r.max_steps:
+                self.save()
+        bar.close()
+        logger.close()
+        return history
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "sampler": self.sampler.state_dict()}
+        if self.reference is not None:
+            state["reference"] = self.reference.state_dict()
+        return save_checkpoint(self.out, self.step, self.policy, self.tokenizer, state, self.recipe.logging.keep_last)
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _concat_rollouts(parts: list[Rollout]) -> Rollout:
+    first = parts[0]
+    return Rollout(
+        [x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.completion_ids],
+        [x for p in parts for x in p.rollout_logprobs], [x for p in parts for x in p.finish_reasons],
+        torch.cat([p.rewards for p in parts]),
+        {k: [x for p in parts for x in p.per_function[k]] for k in first.per_function},
+        [x for p in parts for x in p.texts], [x for p in parts for x in p.prompts])
+
+
+class MetricsLogger:
+    """One JSON line per step (metrics.jsonl), TensorBoard when installed, sample completions (completions.jsonl)."""
+
+    def __init__(self, out: Path, tensorboard: bool):
+        self.metrics = (out / "metrics.jsonl").open("a")
+        self.completions = (out / "completions.jsonl").open("a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                self.tb = None
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self.metrics.write(json.dumps(metrics) + "\n")
+        self.metrics.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, metrics["step"])
+
+    def log_completions(self, step: int, ro: Rollout, k: int) -> None:
+        for i in range(min(k, len(ro.texts))):
+            self.completions.write(json.dumps({"step": step, "prompt": ro.prompts[i], "completion": ro.texts[i],
+                                               "reward": float(ro.rewards[i])}) + "\n")
+        self.completions.flush()
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.completions.close()
+        if self.tb is not None:
+            self.tb.close()
