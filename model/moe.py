@@ -76,6 +76,7 @@ class Experts(nn.Module):
         self.n_experts = n_experts
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+        self.small_batch = 16  # up to this many tokens per expert on average, inference uses padded bmm
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/expert_ids [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x)  [N, D]."""
@@ -83,7 +84,10 @@ class Experts(nn.Module):
         flat_ids = expert_ids.flatten()  # [N*K]
         order = flat_ids.argsort(stable=True)
         token_of = order // K  # the token of each (token, expert) pair, in expert order
-        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
+        counts = torch.bincount(flat_ids, minlength=self.n_experts)
+        if not torch.is_grad_enabled() and len(flat_ids) <= self.small_batch * self.n_experts:
+            return self._forward_padded(x, weights, flat_ids, order, token_of, counts)
+        counts = counts.tolist()
         # split and unbind, not slicing and indexing: their backward writes each gradient once, instead
         # of scattering every expert's share into a fresh zero tensor of the full size.
         xs = x[token_of].split(counts)  # per expert: [n_e, D]
@@ -95,6 +99,22 @@ class Experts(nn.Module):
             gate, up = F.linear(xs[e], gate_up_w[e]).chunk(2, dim=-1)
             outs.append(F.linear(F.silu(gate) * up, down_w[e]))
         ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(1)
+        return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+    def _forward_padded(self, x: torch.Tensor, weights: torch.Tensor, flat_ids: torch.Tensor, order: torch.Tensor,
+                        token_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Decode-sized batches: a few tokens per expert. Pads every expert's tokens to the largest count and
+        runs all experts as two batched matmuls, instead of two small matmuls per expert."""
+        E, D = self.n_experts, x.shape[1]
+        capacity = int(counts.max())
+        sorted_ids = flat_ids[order]
+        rank = torch.arange(len(order), device=x.device) - (counts.cumsum(0) - counts)[sorted_ids]
+        xs = x.new_zeros(E, capacity, D)
+        xs[sorted_ids, rank] = x[token_of]
+        gate, up = torch.bmm(xs, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+        ys = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))[sorted_ids, rank]  # [N*K, D]
+        ys = ys * weights.flatten()[order].unsqueeze(1)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 

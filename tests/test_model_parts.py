@@ -211,3 +211,18 @@ def test_char_tokenizer_saves_in_hf_format_and_keeps_tags_whole(tmp_path):
 def test_missing_tokenizer_directory_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_padded_expert_path_for_decode_batches_equals_the_per_expert_loop():
+    g = torch.Generator().manual_seed(1)
+    experts = Experts(8, 16, 8)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(8, 16, 16, generator=g) * 0.3)
+        experts.down_proj.copy_(torch.randn(8, 16, 8, generator=g) * 0.3)
+    x = torch.randn(12, 16, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(12)])
+    w = torch.rand(12, 2, generator=g)
+    with torch.no_grad():
+        padded = experts(x, w, ids)  # no grad and few tokens: the padded path
+    looped = experts(x, w, ids)  # grad enabled: the per-expert loop
+    torch.testing.assert_close(padded, looped.detach(), atol=1e-5, rtol=1e-5)
