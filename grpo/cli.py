@@ -63,6 +63,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sft(args: argparse.Namespace) -> int:
+    """Cold-start SFT from a recipe; writes <output_dir>/sft/model."""
+    from .config import load_recipe
+    from .sft import SFTTrainer
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    trainer = SFTTrainer(recipe)
+    history = trainer.train()
+    print(f"sft: {len(history)} steps, final loss {history[-1]['loss']:.4f}; model in {trainer.out / 'model'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="The DeepSeek-R1 recipe: GRPO on DeepSeek-V3.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. algorithm.beta=0.04")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("sft", help="cold-start SFT from a YAML recipe")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(func=cmd_sft)
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)

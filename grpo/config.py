@@ -108,6 +108,21 @@ class LoggingSection:
 
 
 @dataclass
+class SFTSection:
+    """Cold-start SFT (`grpo sft`): supervised training on prompt/completion pairs."""
+
+    steps: int = 400
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    schedule: Literal["constant", "cosine"] = "cosine"
+    # The completion: a column of the data, or (when absent) the R1 format built from `reasoning` and `answer`.
+    completion_column: str = "completion"
+    mtp_weight: float = 0.0  # weight of the multi-token-prediction loss (needs model.mtp > 0)
+    output_dir: str | None = None  # default: <output_dir>/sft
+
+
+@dataclass
 class Recipe:
     output_dir: str = "runs/grpo"
     max_steps: int = 100
@@ -121,6 +136,7 @@ class Recipe:
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
     optim: OptimSection = field(default_factory=OptimSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    sft: SFTSection = field(default_factory=SFTSection)
     reward_on_error: Literal["raise", "none"] = "raise"
 
     def validate(self) -> None:

@@ -299,7 +299,7 @@ class GRPOTrainer:
                 weight = float(b["mask"].sum())
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight
-                sums["loss"] = sums.get("loss", 0.0) + float(loss)
+                sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.policy.parameters(), r.optim.max_grad_norm))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

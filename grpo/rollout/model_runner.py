@@ -49,7 +49,7 @@ class ModelRunner:
     def _staged_view(self, seqs: list[Sequence], positions: torch.Tensor, S: int) -> StagedCacheView:
         """Decode view over the staging copy, regathered from the pool when the batch changed or outgrew it."""
         key = [s.seq_id for s in seqs]
-        if key != self._stage_key or self._staging is None or S > self._staging.shape[2]:
+        if key != self._stage_key or self._staging is None or self._staging.shape[2] < S:
             capacity = S + self.stage_headroom
             slots = self._context_slots(seqs, capacity).reshape(-1)
             L, _, D = self.cache.data.shape

@@ -1,0 +1,120 @@
+"""Cold-start SFT: next-token cross-entropy on completion tokens only (optionally plus the MTP loss), with
+the same model, checkpoint format and logging as GRPO."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import Recipe, RecipeError
+from .data import check_columns, load_rows
+from .templates import render_prompt
+from .trainer import MetricsLogger, build_policy, build_tokenizer
+
+
+def r1_completion(row: dict[str, Any]) -> str:
+    """The R1 format of a row with `reasoning` and `answer`."""
+    return f"<think>{row['reasoning']}</think><answer>{row['answer']}</answer>"
+
+
+class SFTTrainer:
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        s = recipe.sft
+        torch.manual_seed(recipe.seed)
+        self.out = Path(s.output_dir or Path(recipe.output_dir) / "sft")
+        self.tokenizer = build_tokenizer(recipe)
+        d = recipe.data
+        rows = load_rows(d.source, split=d.split, limit=d.limit, seed=recipe.seed, task_options=d.task_options,
+                         field_map=d.field_map)
+        if rows and s.completion_column not in rows[0]:
+            check_columns(rows, ["prompt", "reasoning", "answer"], d.source)
+        else:
+            check_columns(rows, ["prompt", s.completion_column], d.source)
+        self.model = build_policy(recipe, self.tokenizer)
+        if s.mtp_weight > 0 and not len(self.model.mtp):
+            raise RecipeError("sft.mtp_weight > 0 needs MTP modules: set model.mtp (from scratch) or a checkpoint with them")
+        self.examples = [self._encode(row) for row in rows]
+        limit = self.model.config.max_position_embeddings
+        for i, (ids, _) in enumerate(self.examples):
+            if len(ids) > limit:
+                raise RecipeError(f"data: example {i} is {len(ids)} tokens, beyond the model's context of {limit}")
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=tuple(recipe.optim.betas),
+                                           weight_decay=recipe.optim.weight_decay)
+
+        def factor(step: int) -> float:
+            if step < s.warmup_steps:
+                return (step + 1) / s.warmup_steps
+            if s.schedule == "constant":
+                return 1.0
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))))
+
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.generator = torch.Generator().manual_seed(recipe.seed)
+
+    def _encode(self, row: dict[str, Any]) -> tuple[list[int], int]:
+        """-> (prompt + completion + EOS token ids, prompt length)."""
+        s, tok = self.recipe.sft, self.tokenizer
+        prompt = render_prompt(row, self.recipe.data.template, tok)
+        completion = row[s.completion_column] if s.completion_column in row else r1_completion(row)
+        p = tok(prompt, add_special_tokens=False).input_ids
+        if tok.bos_token_id is not None and (not p or p[0] != tok.bos_token_id) and self.recipe.data.template != "chat":
+            p = [tok.bos_token_id, *p]
+        c = tok(completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        return p + c, len(p)
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random batch: ids [B, L] right-padded, loss mask [B, L] over completion targets."""
+        pick = torch.randint(len(self.examples), (self.recipe.sft.batch_size,), generator=self.generator).tolist()
+        L = max(len(self.examples[i][0]) for i in pick)
+        ids = torch.zeros(len(pick), L, dtype=torch.long)
+        mask = torch.zeros(len(pick), L, dtype=torch.bool)
+        for b, i in enumerate(pick):
+            seq, p = self.examples[i]
+            ids[b, : len(seq)] = torch.tensor(seq)
+            mask[b, p: len(seq)] = True  # targets: the completion and its EOS
+        return ids, mask
+
+    def train(self) -> list[dict[str, float]]:
+        s = self.recipe.sft
+        self.out.mkdir(parents=True, exist_ok=True)
+        logger = MetricsLogger(self.out, self.recipe.logging.tensorboard)
+        history = []
+        bar = tqdm(range(s.steps), desc="sft", disable=not self.recipe.logging.progress_bar)
+        self.model.train()
+        for step in bar:
+            t0 = time.perf_counter()
+            ids, mask = self.batch()
+            hidden = self.model.hidden_states(ids)
+            logits = self.model.lm_head(self.model.model.norm(hidden))
+            target_mask = mask[:, 1:]
+            ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                 reduction="none").view_as(target_mask)
+            loss = (ce * target_mask).sum() / target_mask.sum()
+            metrics = {"step": step + 1, "loss": float(loss.detach())}
+            if s.mtp_weight > 0:
+                mtp = self.model.mtp_loss(hidden, ids, mask)
+                loss = loss + s.mtp_weight * mtp
+                metrics["mtp_loss"] = float(mtp.detach())
+            loss.backward()
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.max_grad_norm))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
+            metrics["time/step_s"] = time.perf_counter() - t0
+            history.append(metrics)
+            logger.log(metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}")
+        logger.close()
+        self.model.save_pretrained(self.out / "model")
+        self.tokenizer.save_pretrained(self.out / "model")
+        (self.out / "summary.json").write_text(json.dumps({"steps": s.steps, "final_loss": history[-1]["loss"] if history else None}))
+        return history
