@@ -35,7 +35,7 @@ class DataSection:
     task_options: dict[str, Any] = field(default_factory=dict)
     field_map: dict[str, str] = field(default_factory=dict)  # column renames, e.g. {question: prompt}
     template: str = "r1_zero"  # r1_zero, chat, plain, tiny, or a format string with {prompt}
-    eval_source: str | None = None  # held-out rows for eval_steps; default: the same task with another seed
+    eval_source: str | None = None  # held-out rows for eval_steps; default: the test split of the same source
     eval_limit: int = 64
 
 

@@ -32,3 +32,12 @@ def test_unknown_preset_is_a_clear_error(tmp_path, capsys):
 def test_console_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "grpo", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "new-model" in result.stdout
+
+
+def test_plot_command_writes_pngs(tmp_path, capsys):
+    import json
+
+    lines = [{"step": i, "reward": i / 10, "completions/mean_length": 10 + i} for i in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    assert main(["plot", str(tmp_path)]) == 0
+    assert list((tmp_path / "plots").glob("*.png"))
