@@ -90,7 +90,7 @@ class Experts(nn.Module):
         counts = counts.tolist()
         # split and unbind, not slicing and indexing: their backward writes each gradient once, instead
         # of scattering every expert's share into a fresh zero tensor of the full size.
-        xs = x[token_of].split(counts)  # per expert: [n_e, D]
+        xs = x.index_select(0, token_of).split(counts)  # per expert: [n_e, D]
         gate_up_w, down_w = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
         for e, n in enumerate(counts):
