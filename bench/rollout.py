@@ -48,7 +48,7 @@ def run_one(engine: str, ckpt: str, num_prompts: int, n: int, new_tokens: int, t
         from model import load_pretrained
 
         model = load_pretrained(ckpt).eval()
-        eng = Engine(model)
+        eng = Engine(model, cache_memory_bytes=1024**3)
 
         def go(tokens: int) -> int:
             out = eng.generate(prompts, SamplingParams(n=n, temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0))
