@@ -84,6 +84,53 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluates a checkpoint on a benchmark: prints the metrics table, writes summary.json and samples.jsonl."""
+    import torch
+
+    from model import load_pretrained
+    from model.tokenizer import build_char_tokenizer, load_tokenizer
+
+    from .evaluation import (
+        benchmark_name,
+        check_sampling,
+        evaluate,
+        format_table,
+        load_benchmark,
+        parse_ks,
+        resolve_model_dir,
+        write_eval,
+    )
+    from .rollout.engine import Engine
+
+    ks = check_sampling(args.n, parse_ks(args.k) if args.k else None, args.temperature)
+    model_dir = resolve_model_dir(args.model)
+    rows = load_benchmark(args.benchmark, limit=args.limit)
+    tokenizer_dir = args.tokenizer or model_dir
+    if args.tokenizer == "char":
+        tokenizer = build_char_tokenizer()
+    elif (Path(tokenizer_dir) / "tokenizer_config.json").exists():
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        print(f"error: no tokenizer in {tokenizer_dir} (tokenizer_config.json); pass --tokenizer DIR, or "
+              f"--tokenizer char for the built-in character tokenizer", file=sys.stderr)
+        return 2
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = load_pretrained(model_dir, dtype=dtype, device=args.device, mtp=False).eval()
+    engine = Engine(model, tokenizer, cache_memory_bytes=args.cache_mb * 1024**2, seed=args.seed)
+    result = evaluate(engine, tokenizer, rows, template=args.template, n=args.n, ks=ks,
+                      temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
+                      grader=args.grader, breakdown_field=args.breakdown.split(",") if args.breakdown else None,
+                      stop=args.stop, benchmark=args.benchmark, use_tqdm=args.progress)
+    result.config["model"] = str(model_dir)
+    print(format_table(result))
+    default_out = Path("eval") / f"{model_dir.parent.name}_{model_dir.name}" / benchmark_name(args.benchmark)
+    out = Path(args.output) if args.output else default_out
+    summary_path, samples_path = write_eval(result, out)
+    print(f"wrote {summary_path} and {samples_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="The DeepSeek-R1 recipe: GRPO on DeepSeek-V3.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +153,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="PNG curves of a run (reward, length, KL, entropy, clip ratios)")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)
+    p = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark (pass@k, maj@k, format)")
+    p.add_argument("--model", required=True,
+                   help="checkpoint: a model directory, a step-N checkpoint or a run directory (its newest)")
+    p.add_argument("--benchmark", required=True,
+                   help="a task (addition, arithmetic, countdown), gsm8k, math500, aime24, amc23, a data file, "
+                        "or a Hub dataset owner/name")
+    p.add_argument("--n", type=int, default=1, help="samples per problem")
+    p.add_argument("--k", default=None, help="comma-separated k for pass@k and maj@k (default: 1 and n)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (then --n must be 1)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=1024, help="most tokens per completion")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first L problems only")
+    p.add_argument("--output", default=None, help="directory for summary.json and samples.jsonl "
+                                                  "(default: eval/<checkpoint>/<benchmark>)")
+    p.add_argument("--template", default="r1_zero",
+                   help="prompt template: r1_zero, chat, plain, tiny or a format string")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grader", default="auto",
+                   help="the reward that decides correctness: auto, accuracy, countdown, gsm8k, module:function")
+    p.add_argument("--breakdown", default=None, help="comma-separated fields to break metrics down by "
+                                                     "(default: level and subject when present)")
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's), or 'char'")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--device", default="cpu", help="torch device for the model and the engine's KV cache")
+    p.add_argument("--cache-mb", type=int, default=256, help="KV cache memory of the engine, MiB")
+    p.add_argument("--progress", action="store_true", help="show a progress bar while generating")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)

@@ -24,6 +24,7 @@ from .advantages import group_advantages
 from .checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from .config import Recipe, RecipeError, recipe_to_dict
 from .data import PromptSampler, check_columns, load_rows
+from .evaluation import encode_prompt, evaluate_policy
 from .logprobs import token_logprobs, token_logprobs_and_entropy
 from .losses import policy_loss, truncated_is_weights
 from .rollout import SamplingParams
@@ -109,6 +110,13 @@ class GRPOTrainer:
         self.prompt_text = [render_prompt(row, d.template, self.tokenizer) for row in rows]
         self.prompt_tokens = [self._encode(t) for t in self.prompt_text]
         self.rows = rows
+        self.eval_rows: list[dict[str, Any]] = []
+        if recipe.logging.eval_steps > 0:
+            same = d.eval_source is None
+            self.eval_rows = load_rows(d.eval_source or d.source, split="test", limit=d.eval_limit, seed=recipe.seed,
+                                       task_options=d.task_options if same else None,
+                                       field_map=d.field_map if same else None)
+            self.prompt_tokens_eval = [self._encode(render_prompt(r, d.template, self.tokenizer)) for r in self.eval_rows]
         self.policy = build_policy(recipe, self.tokenizer)
         self._check_context()
         self.policy.model.gradient_checkpointing = recipe.optim.gradient_checkpointing
@@ -128,16 +136,12 @@ class GRPOTrainer:
         self.engine = build_engine(recipe, self.policy, self.tokenizer)
 
     def _encode(self, text: str) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        bos = self.tokenizer.bos_token_id
-        if bos is not None and (not ids or ids[0] != bos) and self.recipe.data.template != "chat":
-            ids = [bos, *ids]
-        return ids
+        return encode_prompt(self.tokenizer, text, self.recipe.data.template)
 
     def _check_context(self) -> None:
         limit = self.policy.config.max_position_embeddings
         budget = limit - self.recipe.sampling.max_completion_length
-        for i, ids in enumerate(self.prompt_tokens):
+        for i, ids in enumerate(self.prompt_tokens + getattr(self, 'prompt_tokens_eval', [])):
             if len(ids) > budget:
                 raise RecipeError(
                     f"data: prompt {i} is {len(ids)} tokens; with sampling.max_completion_length "
@@ -342,6 +346,8 @@ class GRPOTrainer:
         bar = tqdm(total=r.max_steps, initial=self.step, desc="grpo", disable=not r.logging.progress_bar or self.rank)
         while self.step < r.max_steps:
             metrics = self.train_step()
+            if r.logging.eval_steps and (self.step % r.logging.eval_steps == 0 or self.step == r.max_steps):
+                metrics.update(self.evaluate())
             history.append(metrics)
             if self.rank == 0:
                 if self.step % r.logging.log_every == 0:
@@ -355,6 +361,14 @@ class GRPOTrainer:
         bar.close()
         logger.close()
         return history
+
+    def evaluate(self) -> dict[str, float]:
+        """Greedy pass@1 and format compliance on the held-out rows, graded like the rewards grade."""
+        from .rollout.engine import Engine
+
+        engine = self.engine if isinstance(self.engine, Engine) else None
+        return evaluate_policy(self.policy, self.tokenizer, self.eval_rows, self.recipe.data.template, engine=engine,
+                               max_tokens=self.recipe.sampling.max_completion_length, seed=self.recipe.seed)
 
     def save(self) -> Path | None:
         if self.rank != 0:

@@ -51,6 +51,14 @@ def test_grpo_raises_the_reward_of_a_toy_task(tmp_path):
     assert (tmp_path / "run" / "completions.jsonl").exists()
 
 
+def test_periodic_evaluation_is_logged(tmp_path):
+    recipe = load_recipe(recipe_file(tmp_path), ["max_steps=2", "logging.eval_steps=1", "data.eval_limit=4"])
+    history = GRPOTrainer(recipe).train()
+    assert all("eval/pass@1" in h and "eval/format" in h for h in history)
+    logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert 0.0 <= logged[-1]["eval/pass@1"] <= 1.0
+
+
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     path = recipe_file(tmp_path)
     straight = load_recipe(path, ["max_steps=4", f"output_dir={tmp_path / 'a'}", "logging.save_every=2"])
