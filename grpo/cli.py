@@ -131,6 +131,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_rewards(args: argparse.Namespace) -> int:
+    """Scores the recipe's rewards on gold answers written as ideal completions and on shuffled wrong
+    ones: a broken reward shows before training (gold should get full marks, wrong ones zero)."""
+    import rewards
+
+    from .config import load_recipe
+    from .data import load_rows
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    d = recipe.data
+    rows = load_rows(d.source, split=d.split, limit=max(args.n, 2), seed=recipe.seed, task_options=d.task_options,
+                     field_map=d.field_map)
+    entries = [{"reward": r.name, "weight": r.weight, "options": r.options} for r in recipe.rewards]
+    report = rewards.check_rewards(rewards.RewardSet.from_config(entries), rows, n=args.n)
+    print(report.format())
+    return 1 if report.problems() else 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Samples completions of prompts from a checkpoint with our engine."""
+    from model import load_pretrained
+    from model.tokenizer import load_tokenizer
+
+    from .evaluation import encode_prompt
+    from .rollout import SamplingParams
+    from .rollout.engine import Engine
+    from .templates import render_prompt
+
+    model = load_pretrained(args.model).eval()
+    tok = load_tokenizer(args.tokenizer or args.model)
+    engine = Engine(model, tok, seed=args.seed)
+    prompts = [render_prompt({"prompt": p}, args.template, tok) for p in args.prompt]
+    params = SamplingParams(n=args.n, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            seed=args.seed)
+    for text, out in zip(prompts, engine.generate([encode_prompt(tok, t, args.template) for t in prompts], params)):
+        for k, c in enumerate(out.completions):
+            print(f"--- {text!r} [{k}] ({c.finish_reason}, {len(c.token_ids)} tokens)")
+            print(c.text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grpo", description="The DeepSeek-R1 recipe: GRPO on DeepSeek-V3.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,6 +222,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-mb", type=int, default=256, help="KV cache memory of the engine, MiB")
     p.add_argument("--progress", action="store_true", help="show a progress bar while generating")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("check-rewards", help="score gold and shuffled wrong answers with the recipe's rewards")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.add_argument("--n", type=int, default=100, help="dataset rows to check")
+    p.set_defaults(func=cmd_check_rewards)
+    p = sub.add_parser("generate", help="sample completions from a checkpoint")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--template", default="plain")
+    p.add_argument("--n", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")
     p.set_defaults(func=cmd_info)

@@ -92,6 +92,10 @@ class CheckReport:
                 f"{f.wrong_full:>13}{f.wrong_zero:>6}{f.wrong_none:>6}"
             )
         rows.append(f"({self.n} rows; {self.identical_wrong} wrong pairs share the gold answer)")
+        for f in self.functions:
+            if f.n and f.wrong_full == f.ideal_full and not f.errors:
+                rows.append(f"note: {f.name} gives wrong answers the same marks as gold ones "
+                            "(right for a format reward, a bug in an answer checker)")
         problems = self.problems()
         rows += ["problems:", *(f"  {p}" for p in problems)] if problems else ["no problems found"]
         return "\n".join(rows)

@@ -41,3 +41,23 @@ def test_plot_command_writes_pngs(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     assert main(["plot", str(tmp_path)]) == 0
     assert list((tmp_path / "plots").glob("*.png"))
+
+
+def test_check_rewards_passes_a_sound_recipe_and_flags_a_broken_one(tmp_path, capsys):
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "ci_tiny.yaml"
+    assert main(["check-rewards", str(recipe), "--n", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "format" in out
+    (tmp_path / "bad.py").write_text("def never(prompts, completions, **kw):\n    return [0.0] * len(completions)\n")
+    assert main(["check-rewards", str(recipe), f"rewards=[{{name: '{tmp_path / 'bad.py'}:never'}}]", "--n", "20"]) == 1
+    assert "never: only 0/20 gold answers get full marks" in capsys.readouterr().out
+
+
+def test_generate_samples_from_a_checkpoint(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert main(["new-model", "--preset", "micro", "--out", str(out)]) == 0
+    assert main(["generate", "--model", str(out), "--prompt", "12+30=", "--n", "2", "--max-tokens", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("--- '12+30='") == 2
