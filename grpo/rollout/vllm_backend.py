@@ -45,7 +45,10 @@ def vllm_available() -> bool:
     """Whether the `vllm` package (GPU or CPU build) is installed, without importing it."""
     import importlib.util
 
-    return importlib.util.find_spec("vllm") is not None
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):  # a broken or blocked install
+        return False
 
 
 def _import_vllm() -> Any:
@@ -116,6 +119,8 @@ class VLLMEngine:
             kwargs["compilation_config"] = _native_rope_on_cpu(kwargs.get("compilation_config"))
         self._vllm = vllm
         self._llm = vllm.LLM(**kwargs)
+        self.in_process = type(self._llm.llm_engine.engine_core).__name__ == "InprocClient"
+        self.torch_dtype = self._llm.llm_engine.model_config.dtype  # what "auto" resolved to, too
         try:
             self.unfiltered_logprobs = all(self._llm.collective_rpc("grpo_install_unfiltered_logprobs"))
         except Exception:  # a caller's own worker_extension_cls replaced ours
@@ -198,9 +203,9 @@ class VLLMEngine:
             mine, theirs = getattr(cfg, key), self.config.get(key)
             if theirs is not None and mine is not None and mine != theirs:
                 raise ValueError(f"model {key}={mine} does not match the engine's checkpoint ({theirs})")
-        dtype = getattr(torch, self.dtype)
+        dtype = self.torch_dtype
         with torch.no_grad():
-            if type(self._llm.llm_engine.engine_core).__name__ == "InprocClient":
+            if self.in_process:
                 weights = [(name, t.detach().to(dtype)) for name, t in hf_state_dict(model)]
                 self._llm.collective_rpc("grpo_reload_weights", args=(weights,))
             else:
@@ -226,6 +231,10 @@ class VLLMEngine:
             import gc
 
             gc.collect()
+            if self.in_process:  # the process group vLLM set up here, so that another engine can start
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                cleanup_dist_env_and_memory()
 
     def _check_open(self) -> None:
         if self._llm is None:
@@ -355,6 +364,9 @@ def _reload_and_refresh(worker: Any, weights: Any) -> None:
     runner = worker.model_runner
     with set_current_vllm_config(worker.vllm_config):
         for module in runner.get_model().modules():
+            if getattr(module, "is_amx_bmm_enabled", False):
+                raise NotImplementedError("update_weights cannot refresh the AMX MLA kernel's packed projections "
+                                          "(bfloat16 on an AMX CPU): use dtype='float32'")
             experts = getattr(getattr(getattr(module, "quant_method", None), "moe_kernel", None), "fused_experts", None)
             if cpu_experts and isinstance(experts, cpu_experts):
                 experts.process_weights_after_loading(module)
