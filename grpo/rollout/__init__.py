@@ -7,3 +7,5 @@ from .outputs import Completion, RequestOutput
 from .sampling_params import SamplingParams
 
 __all__ = ["Completion", "RequestOutput", "SamplingParams"]
+# The engines: `from grpo.rollout.engine import Engine`; `from grpo.rollout.vllm_backend import VLLMEngine`
+# (imports vLLM only when constructed).
