@@ -80,7 +80,11 @@ def run_one(engine: str, ckpt: str, num_prompts: int, n: int, new_tokens: int, t
     t0 = time.perf_counter()
     produced = go(new_tokens)
     seconds = time.perf_counter() - t0
+    if engine == "vllm":
+        eng.close()  # its engine and worker processes end, so their peak shows in RUSAGE_CHILDREN
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    # vLLM runs the model in child processes: count the largest of them too (a lower bound on their sum).
+    rss += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"tokens": produced, "seconds": seconds, "tokens_per_s": produced / seconds, "peak_rss_mb": rss}
 
 
@@ -97,11 +101,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-vllm", action="store_true")
-    ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        engine, ckpt, p, n, t = args.child
-        print(json.dumps(run_one(engine, ckpt, int(p), int(n), int(t), args.threads)))
+        engine, ckpt, p, n, t, result_file = args.child
+        Path(result_file).write_text(json.dumps(run_one(engine, ckpt, int(p), int(n), int(t), args.threads)))
         return
 
     from model import build_model
@@ -119,13 +123,14 @@ def main() -> None:
             runs: dict[str, list[dict]] = {e: [] for e in engines}
             for _ in range(args.repeats):
                 for engine in engines:  # alternate, so a slow spell of the machine hits all alike
+                    result_file = f"{ckpt}.{engine}.json"
                     cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child", engine, ckpt,
-                           *map(str, workload)]
+                           *map(str, workload), result_file]
                     env = {**os.environ, "PYTHONPATH": str(ROOT)}
                     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
                     if out.returncode != 0:
                         raise SystemExit(f"{engine} failed on {key}:\n{out.stderr[-3000:]}")
-                    runs[engine].append(json.loads(out.stdout.strip().splitlines()[-1]))
+                    runs[engine].append(json.loads(Path(result_file).read_text()))
             results[key] = {e: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                                 "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                                 "runs_tokens_per_s": [round(r["tokens_per_s"], 1) for r in rs]}

@@ -16,9 +16,17 @@ class LatentCache:
     """Slot pool [num_layers, num_slots, kv_lora_rank + qk_rope_head_dim]."""
 
     def __init__(self, cfg: ModelConfig, num_slots: int, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", zeroed: bool = True):
+        """zeroed=False leaves the pool uninitialized but for slot 0, so memory is only touched as it is
+        used: for callers (the rollout engine) that never read a slot before writing it, except slot 0,
+        which they use as the padding of context they mask out (it must hold finite values)."""
         self.kv_lora_rank = cfg.kv_lora_rank
-        self.data = torch.zeros(cfg.num_hidden_layers, num_slots, cfg.latent_dim, dtype=dtype, device=device)
+        shape = (cfg.num_hidden_layers, num_slots, cfg.latent_dim)
+        if zeroed:
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
+        else:
+            self.data = torch.empty(shape, dtype=dtype, device=device)
+            self.data[:, 0].zero_()
 
     @property
     def num_slots(self) -> int:

@@ -17,7 +17,8 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         device = model.lm_head.weight.device
-        self.cache = LatentCache(model.config, num_blocks * block_size, dtype or model.lm_head.weight.dtype, device)
+        self.cache = LatentCache(model.config, num_blocks * block_size, dtype or model.lm_head.weight.dtype, device,
+                                 zeroed=False)  # every slot is written before it is read; padding reads slot 0
         self.stage_headroom = 64  # decode steps a staging copy lasts before it is regathered
         self._stage_key: list[int] = []
         self._staging: torch.Tensor | None = None
