@@ -4,7 +4,6 @@ the same model, checkpoint format and logging as GRPO."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from tqdm.auto import tqdm
 from .config import Recipe, RecipeError
 from .data import check_columns, load_rows
 from .templates import render_prompt
-from .trainer import MetricsLogger, build_policy, build_tokenizer
+from .trainer import MetricsLogger, build_policy, build_tokenizer, lr_factor
 
 
 def r1_completion(row: dict[str, Any]) -> str:
@@ -49,14 +48,7 @@ class SFTTrainer:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=tuple(recipe.optim.betas),
                                            weight_decay=recipe.optim.weight_decay)
 
-        def factor(step: int) -> float:
-            if step < s.warmup_steps:
-                return (step + 1) / s.warmup_steps
-            if s.schedule == "constant":
-                return 1.0
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))))
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(s.warmup_steps, s.steps, s.schedule))
         self.generator = torch.Generator().manual_seed(recipe.seed)
 
     def _encode(self, row: dict[str, Any]) -> tuple[list[int], int]:

@@ -64,16 +64,16 @@ def build_engine(recipe: Recipe, model: CausalLM, tokenizer, checkpoint_dir: Pat
                   max_num_seqs=r.max_num_seqs, seed=recipe.seed)
 
 
-def lr_lambda(recipe: Recipe):
-    o = recipe.optim
+def lr_factor(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0):
+    """The learning-rate multiplier per step: linear warmup, then constant or cosine down to min_ratio."""
 
     def factor(step: int) -> float:
-        if o.warmup_steps and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        if o.schedule == "constant":
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
             return 1.0
-        progress = (step - o.warmup_steps) / max(1, recipe.max_steps - o.warmup_steps)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
 
@@ -127,7 +127,8 @@ class GRPOTrainer:
         o = recipe.optim
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(recipe))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_factor(o.warmup_steps, recipe.max_steps, o.schedule, o.min_lr_ratio))
         self.sampler = PromptSampler(len(rows), recipe.prompts_per_step, seed=recipe.seed, rank=world_rank,
                                      world_size=world_size)
         self.step = 0
