@@ -50,14 +50,17 @@ def build_policy(recipe: Recipe, tokenizer) -> CausalLM:
     return build_model(cfg, seed=recipe.seed).to(dtype)
 
 
-def build_engine(recipe: Recipe, model: CausalLM, tokenizer, checkpoint_dir: Path | None = None):
+def build_engine(recipe: Recipe, model: CausalLM, tokenizer):
     r = recipe.rollout
     if r.backend == "vllm":
         from .rollout.vllm_backend import VLLMEngine
 
-        if checkpoint_dir is None:
-            raise RecipeError("rollout.backend: vllm needs a checkpoint directory to start from")
-        return VLLMEngine(str(checkpoint_dir))
+        # vLLM starts from a checkpoint on disk (the policy as it is now); later weights reach it in place.
+        start = Path(recipe.output_dir) / "rollout_start"
+        model.save_pretrained(start)
+        tokenizer.save_pretrained(start)
+        return VLLMEngine(start, kv_cache_memory_bytes=r.cache_memory_mb * 1024**2, seed=recipe.seed,
+                          tokenizer=tokenizer)
     from .rollout.engine import Engine
 
     return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
@@ -311,6 +314,7 @@ class GRPOTrainer:
         self.scheduler.step()
         if a.router_bias_update_speed > 0:
             self.policy.update_router_bias(a.router_bias_update_speed)
+        self.engine.update_weights(self.policy)  # a no-op for our engine, which runs the policy itself
         t_update = time.perf_counter() - t2
         self.step += 1
         denom = max(num_tokens * a.num_iterations, 1)
