@@ -284,12 +284,12 @@ class GRPOTrainer:
         self.policy.train()
         t2 = time.perf_counter()
         grad_norm = 0.0
-        for _ in range(a.num_iterations):
+        for iteration in range(a.num_iterations):
             for j, b in enumerate(batches):
                 start = j * mb
                 lp, ent = self.completion_logprobs(self.policy, b, entropy=a.entropy_coef != 0)
                 old_lp = old[j] if old is not None else lp.detach()
-                if _ == 0:
+                if iteration == 0:  # the mismatch is logged once per generation
                     diff = (old_lp - b["rollout_logprobs"]).abs() * b["mask"]
                     mismatch_sum += float(diff.sum())
                     mismatch_tokens += int(b["mask"].sum())

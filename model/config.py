@@ -163,9 +163,8 @@ class ModelConfig:
         kw.setdefault("routed_scaling_factor", 2.5 if v3 else 1.0)
         kw.setdefault("first_k_dense_replace", 3 if v3 else 0)
         kw.setdefault("n_shared_experts", 1 if v3 else 2)
-        kw.setdefault("rope_interleave", True)  # V2 always rotates interleaved pairs
         if not v3:
-            kw["rope_interleave"] = True
+            kw["rope_interleave"] = True  # V2 always rotates interleaved pairs
         if v3 and kw.get("topk_method") != "noaux_tc":
             # transformers' V3 always routes with the biased, group-limited sigmoid gate.
             raise ConfigError(f"deepseek_v3 topk_method {kw['topk_method']!r}: only 'noaux_tc' is defined for V3")
