@@ -81,6 +81,8 @@ class AlgorithmSection:
     entropy_coef: float = 0.0
     rollout_is_cap: float | None = None  # truncated importance-sampling correction of rollout/trainer mismatch
     router_bias_update_speed: float = 0.0  # aux-loss-free balancing during RL; 0 freezes the bias
+    # MoE routing replay: the training forward sends each token to the experts that sampled it in the rollout.
+    routing_replay: bool = False
 
 
 @dataclass
@@ -159,6 +161,8 @@ class Recipe:
         need(self.optim.lr > 0, "optim.lr", "must be > 0")
         need(self.optim.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
         need(len(self.rewards) >= 1, "rewards", "name at least one reward")
+        need(not (self.algorithm.routing_replay and self.rollout.backend == "vllm"), "algorithm.routing_replay",
+             "needs rollout.backend: ours (vLLM does not return the experts it routed to)")
         need(self.logging.keep_last >= 1, "logging.keep_last", "must be >= 1")
         need(self.logging.save_every >= 1, "logging.save_every", "must be >= 1")
 

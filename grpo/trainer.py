@@ -64,7 +64,7 @@ def build_engine(recipe: Recipe, model: CausalLM, tokenizer):
     from .rollout.engine import Engine
 
     return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
-                  max_num_seqs=r.max_num_seqs, seed=recipe.seed)
+                  max_num_seqs=r.max_num_seqs, seed=recipe.seed, record_routing=recipe.algorithm.routing_replay)
 
 
 def lr_factor(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0):
@@ -93,6 +93,7 @@ class Rollout:
     per_function: dict[str, list[float | None]]
     texts: list[str]
     prompts: list[str]
+    routing: list[torch.Tensor | None]  # [P*G] each [prompt + completion - 1, M, K] with routing replay, else None
 
 
 # ----- the trainer ------------------------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class GRPOTrainer:
             completion_ids=[c.token_ids for c in completions], rollout_logprobs=[c.logprobs for c in completions],
             finish_reasons=[c.finish_reason for c in completions],
             rewards=torch.tensor(scores.total, dtype=torch.float32), per_function=scores.per_function,
-            texts=texts, prompts=prompts)
+            texts=texts, prompts=prompts, routing=[c.routed_experts for c in completions])
 
     def collect(self) -> tuple[Rollout, dict[str, float]]:
         """This step's rollouts; with dynamic sampling (DAPO), groups whose rewards are all equal are dropped
@@ -227,7 +228,7 @@ class GRPOTrainer:
                        [ro.rollout_logprobs[i] for i in idx], [ro.finish_reasons[i] for i in idx],
                        ro.rewards[idx] if idx else ro.rewards[:0],
                        {k: [v[i] for i in idx] for k, v in ro.per_function.items()},
-                       [ro.texts[i] for i in idx], [ro.prompts[i] for i in idx])
+                       [ro.texts[i] for i in idx], [ro.prompts[i] for i in idx], [ro.routing[i] for i in idx])
 
     def _batch(self, ro: Rollout, rows: list[int]) -> dict[str, torch.Tensor]:
         """Right-padded sequences and the completion-aligned gather index for micro-batch `rows`."""
@@ -248,11 +249,21 @@ class GRPOTrainer:
             rollout_lp[b, :c] = torch.tensor(ro.rollout_logprobs[i])
             if self.recipe.algorithm.mask_truncated_completions and ro.finish_reasons[i] == "length":
                 mask[b] = False
-        return {"ids": ids, "targets": targets, "mask": mask, "where": where, "rollout_logprobs": rollout_lp}
+        batch = {"ids": ids, "targets": targets, "mask": mask, "where": where, "rollout_logprobs": rollout_lp}
+        if self.recipe.algorithm.routing_replay and ro.routing[rows[0]] is not None:
+            _, M, K = ro.routing[rows[0]].shape
+            routing = torch.full((len(rows), L, M, K), -1, dtype=torch.int16)  # -1: padding, the gate chooses
+            for b, i in enumerate(rows):
+                routing[b, : len(ro.routing[i])] = ro.routing[i]
+            batch["routing"] = routing
+        return batch
 
-    def completion_logprobs(self, model: CausalLM, batch: dict[str, torch.Tensor], entropy: bool = False):
-        """Per-token log-probabilities [B, T] (and entropy) of the completions, computed in chunks."""
-        hidden = model.model.norm(model.hidden_states(batch["ids"]))  # [B, L, D]
+    def completion_logprobs(self, model: CausalLM, batch: dict[str, torch.Tensor], entropy: bool = False,
+                            replay: bool = True):
+        """Per-token log-probabilities [B, T] (and entropy) of the completions, computed in chunks.
+        replay: route each token to the experts the rollout used, when the batch carries them."""
+        routing = batch.get("routing") if replay else None
+        hidden = model.model.norm(model.hidden_states(batch["ids"], routing=routing))  # [B, L, D]
         h = hidden.gather(1, batch["where"][..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, D]
         temperature = self.recipe.sampling.temperature
         if entropy:
@@ -277,7 +288,8 @@ class GRPOTrainer:
         need_old = a.num_iterations > 1 or a.rollout_is_cap is not None
         with torch.no_grad():
             old = [self.completion_logprobs(self.policy, b)[0] for b in batches] if need_old else None
-            ref = [self.completion_logprobs(self.reference, b)[0] for b in batches] if self.reference else None
+            ref = [self.completion_logprobs(self.reference, b, replay=False)[0] for b in batches] \
+                if self.reference else None
         t_ref = time.perf_counter() - t1
         sums: dict[str, float] = {}
         mismatch_sum, mismatch_tokens = 0.0, 0
@@ -397,7 +409,8 @@ def _concat_rollouts(parts: list[Rollout]) -> Rollout:
         [x for p in parts for x in p.rollout_logprobs], [x for p in parts for x in p.finish_reasons],
         torch.cat([p.rewards for p in parts]),
         {k: [x for p in parts for x in p.per_function[k]] for k in first.per_function},
-        [x for p in parts for x in p.texts], [x for p in parts for x in p.prompts])
+        [x for p in parts for x in p.texts], [x for p in parts for x in p.prompts],
+        [x for p in parts for x in p.routing])
 
 
 class MetricsLogger:
