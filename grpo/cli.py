@@ -75,6 +75,23 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_r1(args: argparse.Namespace) -> int:
+    """The whole recipe: SFT, GRPO from the SFT model, both evaluated on held-out problems."""
+    from .checkpointing import latest_checkpoint
+    from .config import load_recipe
+    from .pipeline import format_report, run_r1
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if latest_checkpoint(recipe.output_dir) is not None:
+        print(f"error: {recipe.output_dir} already holds checkpoints: choose another output_dir (output_dir=...)",
+              file=sys.stderr)
+        return 2
+    report = run_r1(recipe)
+    print(format_report(report))
+    print(f"report: {Path(recipe.output_dir) / 'report.md'}; curves: {', '.join(report['plots'])}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     """PNG curves of a run's metrics.jsonl."""
     from .plot import plot_run
@@ -191,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=cmd_sft)
+    p = sub.add_parser("r1", help="the whole recipe: cold-start SFT, GRPO, evaluation of both checkpoints")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(func=cmd_r1)
     p = sub.add_parser("plot", help="PNG curves of a run (reward, length, KL, entropy, clip ratios)")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)

@@ -125,6 +125,15 @@ class SFTSection:
 
 
 @dataclass
+class EvaluationSection:
+    """How `grpo r1` scores the SFT and GRPO checkpoints on held-out problems (the data's test split)."""
+
+    n: int = 4  # samples per problem; pass@1 is their mean
+    temperature: float = 1.0  # 0: greedy (then n must be 1)
+    limit: int = 128  # held-out problems
+
+
+@dataclass
 class Recipe:
     output_dir: str = "runs/grpo"
     max_steps: int = 100
@@ -139,6 +148,7 @@ class Recipe:
     optim: OptimSection = field(default_factory=OptimSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     sft: SFTSection = field(default_factory=SFTSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     reward_on_error: Literal["raise", "none"] = "raise"
 
     def validate(self) -> None:
@@ -163,6 +173,10 @@ class Recipe:
         need(len(self.rewards) >= 1, "rewards", "name at least one reward")
         need(not (self.algorithm.routing_replay and self.rollout.backend == "vllm"), "algorithm.routing_replay",
              "needs rollout.backend: ours (vLLM does not return the experts it routed to)")
+        need(self.evaluation.n >= 1, "evaluation.n", f"must be >= 1, got {self.evaluation.n}")
+        need(self.evaluation.temperature > 0 or self.evaluation.n == 1, "evaluation.n",
+             "greedy evaluation (temperature 0) gives one answer per problem: use n: 1")
+        need(self.evaluation.limit >= 1, "evaluation.limit", "must be >= 1")
         need(self.logging.keep_last >= 1, "logging.keep_last", "must be >= 1")
         need(self.logging.save_every >= 1, "logging.save_every", "must be >= 1")
 

@@ -99,6 +99,7 @@ class Rollout:
 # ----- the trainer ------------------------------------------------------------------------------------------
 class GRPOTrainer:
     def __init__(self, recipe: Recipe, resume: bool = False, world_rank: int = 0, world_size: int = 1):
+        self.started = time.perf_counter()  # time/elapsed_s counts from here: setup included, like a peer's wall time
         self.recipe = recipe
         self.rank, self.world_size = world_rank, world_size
         self.out = Path(recipe.output_dir)
@@ -347,6 +348,7 @@ class GRPOTrainer:
             "rollout/logprob_abs_diff": mismatch_sum / max(mismatch_tokens, 1),
             "time/rollout_s": t_rollout, "time/ref_old_logprobs_s": t_ref, "time/update_s": t_update,
             "time/step_s": time.perf_counter() - t0,
+            "time/elapsed_s": time.perf_counter() - self.started,
             "tokens_per_s": float(lengths.sum()) / max(time.perf_counter() - t0, 1e-9),
             **stats,
         }
