@@ -50,6 +50,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import GRPOTrainer
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from .dryrun import dry_run
+
+        return dry_run(recipe, gpu_memory_gb=args.gpu_memory_gb)
     if not args.resume and latest_checkpoint(recipe.output_dir) is not None:
         print(f"error: {recipe.output_dir} already holds checkpoints: pass --resume to continue, or choose "
               f"another output_dir (output_dir=...)", file=sys.stderr)
@@ -203,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. algorithm.beta=0.04")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the recipe, model config, tokenizer, data and rewards, print the resources it needs, "
+                        "and exit without loading weights or training")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                   help="GPU memory the dry run plans for (default 80)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("sft", help="cold-start SFT from a YAML recipe")
     p.add_argument("recipe")

@@ -35,7 +35,9 @@ class DataSection:
     task_options: dict[str, Any] = field(default_factory=dict)
     field_map: dict[str, str] = field(default_factory=dict)  # column renames, e.g. {question: prompt}
     template: str = "r1_zero"  # r1_zero, chat, plain, tiny, or a format string with {prompt}
-    eval_source: str | None = None  # held-out rows for eval_steps; default: the test split of the same source
+    # held-out rows for eval_steps: a benchmark (gsm8k, math500, a task, a file, a Hub dataset) read like
+    # `grpo eval --benchmark`; default: the test split of the training source
+    eval_source: str | None = None
     eval_limit: int = 64
 
 

@@ -24,7 +24,7 @@ from .advantages import group_advantages
 from .checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from .config import Recipe, RecipeError, recipe_to_dict
 from .data import PromptSampler, check_columns, load_rows
-from .evaluation import encode_prompt, evaluate_policy
+from .evaluation import encode_prompt, evaluate_policy, load_eval_rows
 from .logprobs import token_logprobs, token_logprobs_and_entropy
 from .losses import policy_loss, truncated_is_weights
 from .rollout import SamplingParams
@@ -59,8 +59,9 @@ def build_engine(recipe: Recipe, model: CausalLM, tokenizer):
         start = Path(recipe.output_dir) / "rollout_start"
         model.save_pretrained(start)
         tokenizer.save_pretrained(start)
-        return VLLMEngine(start, kv_cache_memory_bytes=r.cache_memory_mb * 1024**2, seed=recipe.seed,
-                          tokenizer=tokenizer)
+        # The policy's dtype: vLLM's own default here is float32, twice the memory of a bf16 model.
+        return VLLMEngine(start, dtype=recipe.model.dtype, kv_cache_memory_bytes=r.cache_memory_mb * 1024**2,
+                          seed=recipe.seed, tokenizer=tokenizer)
     from .rollout.engine import Engine
 
     return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
@@ -117,10 +118,7 @@ class GRPOTrainer:
         self.rows = rows
         self.eval_rows: list[dict[str, Any]] = []
         if recipe.logging.eval_steps > 0:
-            same = d.eval_source is None
-            self.eval_rows = load_rows(d.eval_source or d.source, split="test", limit=d.eval_limit, seed=recipe.seed,
-                                       task_options=d.task_options if same else None,
-                                       field_map=d.field_map if same else None)
+            self.eval_rows = load_eval_rows(d, seed=recipe.seed)
             self.prompt_tokens_eval = [self._encode(render_prompt(r, d.template, self.tokenizer)) for r in self.eval_rows]
         self.policy = build_policy(recipe, self.tokenizer)
         self._check_context()
