@@ -22,6 +22,7 @@ class ModelSection:
     path: str | None = None  # a Hugging Face checkpoint directory
     preset: str | None = None  # or build from scratch: tiny, micro, tiny-vllm (model/presets.py)
     tokenizer: str | None = None  # a tokenizer directory; default: the model's, else the built-in "char"
+    # The training compute: bfloat16 is autocast over float32 master weights; rollouts on vLLM run in it.
     dtype: Literal["float32", "bfloat16"] = "float32"
     mtp: int = 0  # MTP depths when building from scratch
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields when building from scratch

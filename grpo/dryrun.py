@@ -200,13 +200,6 @@ def _memory_lines(mem: MemoryEstimate, recipe: Recipe, gpu_memory_gb: float) -> 
 def warnings_for(recipe: Recipe) -> list[str]:
     """Settings that load and run but are likely not what the author meant."""
     out = []
-    lr = recipe.optim.lr
-    if recipe.model.dtype == "bfloat16" and lr < 1e-4:
-        out.append(
-            f"model.dtype bfloat16: this trainer keeps the policy, its grads and AdamW states in bf16 (8 B per "
-            f"parameter, not the fp32 layout estimated here); an AdamW step of about lr = {lr:g} is below bf16's "
-            f"resolution for any weight larger than {256 * lr:.0e} in magnitude and is rounded away. Train with "
-            f"fp32 master weights (FSDP mixed precision) or model.dtype=float32")
     if recipe.rollout.backend == "vllm" and importlib.util.find_spec("vllm") is None:
         out.append("rollout.backend vllm: vLLM is not installed here (pip install vllm on the GPU machine)")
     if recipe.rollout.backend == "vllm" and not torch.cuda.is_available():

@@ -4,6 +4,7 @@ group-relative advantages, update the policy, log, checkpoint. Losses and advant
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -42,12 +43,21 @@ def build_tokenizer(recipe: Recipe):
 
 
 def build_policy(recipe: Recipe, tokenizer) -> CausalLM:
+    """The trained model, in float32 whatever `model.dtype` says: these are the master weights that
+    AdamW updates (a bf16 weight would round away an update of lr 1e-6). See `compute_precision`."""
     m = recipe.model
-    dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
     if m.path:
-        return load_pretrained(m.path, dtype=dtype)
+        return load_pretrained(m.path, dtype=torch.float32)
     cfg = preset_config(m.preset, vocab_size=len(tokenizer), num_nextn_predict_layers=m.mtp, **m.overrides)
-    return build_model(cfg, seed=recipe.seed).to(dtype)
+    return build_model(cfg, seed=recipe.seed)
+
+
+def compute_precision(recipe: Recipe, model: CausalLM):
+    """The training forward's precision: `model.dtype: bfloat16` runs matmuls in bf16 under autocast over
+    the float32 master weights (the router stays in float32); float32 changes nothing."""
+    if recipe.model.dtype != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16)
 
 
 def build_engine(recipe: Recipe, model: CausalLM, tokenizer):
@@ -262,12 +272,13 @@ class GRPOTrainer:
         """Per-token log-probabilities [B, T] (and entropy) of the completions, computed in chunks.
         replay: route each token to the experts the rollout used, when the batch carries them."""
         routing = batch.get("routing") if replay else None
-        hidden = model.model.norm(model.hidden_states(batch["ids"], routing=routing))  # [B, L, D]
-        h = hidden.gather(1, batch["where"][..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, D]
-        temperature = self.recipe.sampling.temperature
-        if entropy:
-            return token_logprobs_and_entropy(h, model.lm_head.weight, batch["targets"], temperature)
-        return token_logprobs(h, model.lm_head.weight, batch["targets"], temperature), None
+        with compute_precision(self.recipe, model):
+            hidden = model.model.norm(model.hidden_states(batch["ids"], routing=routing))  # [B, L, D]
+            h = hidden.gather(1, batch["where"][..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, D]
+            temperature = self.recipe.sampling.temperature
+            if entropy:
+                return token_logprobs_and_entropy(h, model.lm_head.weight, batch["targets"], temperature)
+            return token_logprobs(h, model.lm_head.weight, batch["targets"], temperature), None
 
     def train_step(self) -> dict[str, float]:
         r, a = self.recipe, self.recipe.algorithm

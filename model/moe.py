@@ -49,7 +49,8 @@ class Gate(nn.Module):
 
         forced_ids [N, K]: routing replay; rows >= 0 use these experts instead of choosing (their weights
         still come from this gate's scores, so the gate keeps its gradient); rows of -1 choose as usual."""
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions stay in float32
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.topk_method != "greedy" and self.n_group > 1:

@@ -139,19 +139,24 @@ def test_routing_replay_needs_our_engine(tmp_path):
         load_recipe(tiny_recipe(tmp_path, replay=True, backend="vllm"))
 
 
-def test_a_bfloat16_policy_trains_and_saves_in_bfloat16(tmp_path):
-    recipe = load_recipe(tiny_recipe(tmp_path, replay=True), ["model.dtype=bfloat16", "max_steps=1"])
+def test_bfloat16_computes_in_bf16_and_updates_float32_master_weights(tmp_path):
+    recipe = load_recipe(tiny_recipe(tmp_path, replay=False), ["model.dtype=bfloat16", "max_steps=1", "optim.lr=1e-6"])
     trainer = GRPOTrainer(recipe)
+    assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
+    ro, _ = trainer.collect()
+    batch = trainer._batch(ro, list(range(len(ro.completion_ids))))
+    with torch.no_grad():
+        bf16_lp, _ = trainer.completion_logprobs(trainer.policy, batch)
+    fp32_lp = batch["rollout_logprobs"]  # the engine ran the same float32 weights without autocast
+    gap = (bf16_lp - fp32_lp)[batch["mask"]].abs().max()
+    assert 1e-4 < gap < 0.5, gap  # bf16 rounding, not a different model
     before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
     metrics = trainer.train_step()
-    assert all(p.dtype == torch.bfloat16 for p in trainer.policy.parameters())
-    assert torch.isfinite(torch.tensor(metrics["loss"])) and metrics["grad_norm"] > 0
-    moved = [k for k, v in trainer.policy.state_dict().items() if not torch.equal(v, before[k])]
-    assert any("experts" in k for k in moved) and any("self_attn" in k for k in moved)
+    assert metrics["grad_norm"] > 0
+    deltas = {k: (v - before[k]).abs() for k, v in trainer.policy.state_dict().items() if v.is_floating_point()}
+    assert max(float(d.max()) for d in deltas.values()) < 3e-6  # Adam moves each weight by about lr
+    # weights above 0.01 moved by ~1e-6: below bf16's resolution there (2^-8 relative), kept by the fp32 masters
+    assert sum(int(((d > 0) & (before[k].abs() > 0.01)).sum()) for k, d in deltas.items()) > 1000
     saved = trainer.save()
-    from safetensors.torch import load_file
-
-    stored = load_file(saved / "model" / "model.safetensors")
-    assert stored["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].dtype == torch.bfloat16
-    reloaded = load_pretrained(saved / "model", dtype=torch.bfloat16).state_dict()
+    reloaded = load_pretrained(saved / "model").state_dict()
     assert all(torch.equal(reloaded[k], v) for k, v in trainer.policy.state_dict().items() if k in reloaded)
