@@ -41,7 +41,8 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, An
     s = result.summary
     example = next((x for x in result.samples if x.get("correct")), result.samples[0] if result.samples else None)
     return {"pass@1": s["pass@1"], "format": s.get("format"), "mean_length": s.get("mean_length"),
-            "example": {"prompt": example["prompt"], "completion": example["completion"]} if example else None}
+            "example": {"prompt": example["prompt"], "completion": example["completion"], "correct": example["correct"]}
+            if example else None}
 
 
 def run_r1(recipe: Recipe) -> dict[str, Any]:
@@ -103,5 +104,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"| total | {report['total_seconds']:.1f} |",
     ]
     if g.get("example"):
-        lines += ["", "An example after GRPO:", "", "```", g["example"]["prompt"] + g["example"]["completion"], "```"]
+        verdict = "a correct one" if g["example"]["correct"] else "no completion was correct; the first one"
+        lines += ["", f"An example after GRPO ({verdict}):", "", "```", g["example"]["prompt"] + g["example"]["completion"],
+                  "```"]
     return "\n".join(lines) + "\n"
