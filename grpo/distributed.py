@@ -110,7 +110,7 @@ def all_gather_objects(obj: Any) -> list[Any]:
 def wrap(module: nn.Module, parallel: Parallel, blocks: Sequence[nn.Module] = ()) -> nn.Module:
     """The module whose backward reduces gradients over the ranks.
 
-    ddp:  DistributedDataParallel. Buffers are not broadcast from rank 0 at each forward: the per-rank
+    ddp:  DistributedDataParallel. Buffers are not synced from rank 0 at each forward: the per-rank
           expert-load counters must stay per rank, and the routing bias is kept equal by the trainer.
     fsdp: FSDP2. Each of `blocks` (the decoder layers) is sharded as its own unit, then the rest (embedding,
           final norm, LM head) with the root; parameters, gradients and the optimizer's state built on them
@@ -124,7 +124,7 @@ def wrap(module: nn.Module, parallel: Parallel, blocks: Sequence[nn.Module] = ()
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(module, broadcast_buffers=False)
+        return DistributedDataParallel(module, forward_sync_buffers=False)
     if parallel == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

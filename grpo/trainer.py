@@ -105,8 +105,12 @@ class CompletionLogprobs(nn.Module):
         hidden = m.model.norm(m.hidden_states(ids))  # [B, L, D]
         h = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, D]
         if entropy:
-            return token_logprobs_and_entropy(h, m.lm_head.weight, targets, self.temperature)
-        return token_logprobs(h, m.lm_head.weight, targets, self.temperature), None
+            lp, ent = token_logprobs_and_entropy(h, m.lm_head.weight, targets, self.temperature)
+        else:
+            lp, ent = token_logprobs(h, m.lm_head.weight, targets, self.temperature), None
+        # Fresh tensors, not views: FSDP hooks its backward onto the outputs, which an in-place op on a
+        # view would silently drop (and it warns about views).
+        return lp.clone(), ent.clone() if ent is not None else None
 
 
 @dataclass
