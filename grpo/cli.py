@@ -51,6 +51,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import GRPOTrainer
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from .dryrun import dry_run
+
+        return dry_run(recipe, gpu_memory_gb=args.gpu_memory_gb)
     if not args.resume and latest_checkpoint(recipe.output_dir) is not None:
         print(f"error: {recipe.output_dir} already holds checkpoints: pass --resume to continue, or choose "
               f"another output_dir (output_dir=...)", file=sys.stderr)
@@ -79,6 +83,23 @@ def cmd_sft(args: argparse.Namespace) -> int:
     trainer = SFTTrainer(recipe)
     history = trainer.train()
     print(f"sft: {len(history)} steps, final loss {history[-1]['loss']:.4f}; model in {trainer.out / 'model'}")
+    return 0
+
+
+def cmd_r1(args: argparse.Namespace) -> int:
+    """The whole recipe: SFT, GRPO from the SFT model, both evaluated on held-out problems."""
+    from .checkpointing import latest_checkpoint
+    from .config import load_recipe
+    from .pipeline import format_report, run_r1
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if latest_checkpoint(recipe.output_dir) is not None:
+        print(f"error: {recipe.output_dir} already holds checkpoints: choose another output_dir (output_dir=...)",
+              file=sys.stderr)
+        return 2
+    report = run_r1(recipe)
+    print(format_report(report))
+    print(f"report: {Path(recipe.output_dir) / 'report.md'}; curves: {', '.join(report['plots'])}")
     return 0
 
 
@@ -193,11 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. algorithm.beta=0.04")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check the recipe, model config, tokenizer, data and rewards, print the resources it needs, "
+                        "and exit without loading weights or training")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                   help="GPU memory the dry run plans for (default 80)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("sft", help="cold-start SFT from a YAML recipe")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=cmd_sft)
+    p = sub.add_parser("r1", help="the whole recipe: cold-start SFT, GRPO, evaluation of both checkpoints")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    p.set_defaults(func=cmd_r1)
     p = sub.add_parser("plot", help="PNG curves of a run (reward, length, KL, entropy, clip ratios)")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)

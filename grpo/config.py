@@ -22,6 +22,7 @@ class ModelSection:
     path: str | None = None  # a Hugging Face checkpoint directory
     preset: str | None = None  # or build from scratch: tiny, micro, tiny-vllm (model/presets.py)
     tokenizer: str | None = None  # a tokenizer directory; default: the model's, else the built-in "char"
+    # The training compute: bfloat16 is autocast over float32 master weights; rollouts on vLLM run in it.
     dtype: Literal["float32", "bfloat16"] = "float32"
     mtp: int = 0  # MTP depths when building from scratch
     overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields when building from scratch
@@ -35,7 +36,9 @@ class DataSection:
     task_options: dict[str, Any] = field(default_factory=dict)
     field_map: dict[str, str] = field(default_factory=dict)  # column renames, e.g. {question: prompt}
     template: str = "r1_zero"  # r1_zero, chat, plain, tiny, or a format string with {prompt}
-    eval_source: str | None = None  # held-out rows for eval_steps; default: the test split of the same source
+    # held-out rows for eval_steps: a benchmark (gsm8k, math500, a task, a file, a Hub dataset) read like
+    # `grpo eval --benchmark`; default: the test split of the training source
+    eval_source: str | None = None
     eval_limit: int = 64
 
 
@@ -81,6 +84,8 @@ class AlgorithmSection:
     entropy_coef: float = 0.0
     rollout_is_cap: float | None = None  # truncated importance-sampling correction of rollout/trainer mismatch
     router_bias_update_speed: float = 0.0  # aux-loss-free balancing during RL; 0 freezes the bias
+    # MoE routing replay: the training forward sends each token to the experts that sampled it in the rollout.
+    routing_replay: bool = False
 
 
 @dataclass
@@ -123,6 +128,15 @@ class SFTSection:
 
 
 @dataclass
+class EvaluationSection:
+    """How `grpo r1` scores the SFT and GRPO checkpoints on held-out problems (the data's test split)."""
+
+    n: int = 4  # samples per problem; pass@1 is their mean
+    temperature: float = 1.0  # 0: greedy (then n must be 1)
+    limit: int = 128  # held-out problems
+
+
+@dataclass
 class Recipe:
     output_dir: str = "runs/grpo"
     max_steps: int = 100
@@ -138,6 +152,7 @@ class Recipe:
     optim: OptimSection = field(default_factory=OptimSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     sft: SFTSection = field(default_factory=SFTSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     reward_on_error: Literal["raise", "none"] = "raise"
 
     def validate(self) -> None:
@@ -160,6 +175,12 @@ class Recipe:
         need(self.optim.lr > 0, "optim.lr", "must be > 0")
         need(self.optim.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
         need(len(self.rewards) >= 1, "rewards", "name at least one reward")
+        need(not (self.algorithm.routing_replay and self.rollout.backend == "vllm"), "algorithm.routing_replay",
+             "needs rollout.backend: ours (vLLM does not return the experts it routed to)")
+        need(self.evaluation.n >= 1, "evaluation.n", f"must be >= 1, got {self.evaluation.n}")
+        need(self.evaluation.temperature > 0 or self.evaluation.n == 1, "evaluation.n",
+             "greedy evaluation (temperature 0) gives one answer per problem: use n: 1")
+        need(self.evaluation.limit >= 1, "evaluation.limit", "must be >= 1")
         need(self.logging.keep_last >= 1, "logging.keep_last", "must be >= 1")
         need(self.logging.save_every >= 1, "logging.save_every", "must be >= 1")
 

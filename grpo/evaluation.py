@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import rewards as rewards_lib
 from rewards.extract import EXTRACT_MODES, THINK_OPEN, extract_answers, gold_answer_text
@@ -24,6 +24,9 @@ from .data import DataError, check_columns, load_rows, rename_columns
 from .rollout.sampling_params import SamplingParams
 from .tasks import TASKS, is_task
 from .templates import CHAT, render_prompt
+
+if TYPE_CHECKING:
+    from .config import DataSection
 
 # ----- constants ------------------------------------------------------------------------------------------
 BENCHMARK_SEED = 0
@@ -373,6 +376,20 @@ def load_benchmark(
     if field_map:
         rows = rename_columns(rows, field_map, name_or_file)
     return normalize_benchmark_rows(rows, name_or_file)
+
+
+def load_eval_rows(data: DataSection, seed: int = 0) -> list[dict[str, Any]]:
+    """Return the held-out rows a training run evaluates on (``data.eval_limit`` of them).
+
+    Without ``data.eval_source``: the ``test`` split of the training source, with its ``task_options``
+    and ``field_map``. With one: that benchmark, read like ``grpo eval --benchmark`` (:func:`load_benchmark`:
+    ``gsm8k``, ``math500``, a task, a file, a Hub dataset), so its question and gold answer columns are
+    found whatever they are called.
+    """
+    if data.eval_source is None:
+        return load_rows(data.source, split="test", limit=data.eval_limit, seed=seed,
+                         task_options=data.task_options, field_map=data.field_map)
+    return load_benchmark(data.eval_source, limit=data.eval_limit)
 
 
 # ----- grading --------------------------------------------------------------------------------------------
@@ -817,6 +834,7 @@ __all__ = [
     "grade_samples",
     "group_answers_many",
     "load_benchmark",
+    "load_eval_rows",
     "majority_at_k",
     "majority_vote",
     "math_equivalent_many",

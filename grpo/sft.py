@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .config import Recipe, RecipeError
 from .data import check_columns, load_rows
 from .templates import render_prompt
-from .trainer import MetricsLogger, build_policy, build_tokenizer, lr_factor
+from .trainer import MetricsLogger, build_policy, build_tokenizer, compute_precision, lr_factor
 
 
 def r1_completion(row: dict[str, Any]) -> str:
@@ -84,8 +84,9 @@ class SFTTrainer:
         for step in bar:
             t0 = time.perf_counter()
             ids, mask = self.batch()
-            hidden = self.model.hidden_states(ids)
-            logits = self.model.lm_head(self.model.model.norm(hidden))
+            with compute_precision(self.recipe, self.model):
+                hidden = self.model.hidden_states(ids)
+                logits = self.model.lm_head(self.model.model.norm(hidden))
             target_mask = mask[:, 1:]
             ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                                  reduction="none").view_as(target_mask)

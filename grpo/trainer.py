@@ -4,6 +4,7 @@ group-relative advantages, update the policy, log, checkpoint. Losses and advant
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -26,7 +27,7 @@ from .advantages import group_advantages
 from .checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from .config import Recipe, RecipeError, recipe_to_dict
 from .data import PromptSampler, check_columns, load_rows
-from .evaluation import encode_prompt, evaluate_policy
+from .evaluation import encode_prompt, evaluate_policy, load_eval_rows
 from .logprobs import token_logprobs, token_logprobs_and_entropy
 from .losses import policy_loss, truncated_is_weights
 from .rollout import SamplingParams
@@ -44,12 +45,21 @@ def build_tokenizer(recipe: Recipe):
 
 
 def build_policy(recipe: Recipe, tokenizer) -> CausalLM:
+    """The trained model, in float32 whatever `model.dtype` says: these are the master weights that
+    AdamW updates (a bf16 weight would round away an update of lr 1e-6). See `compute_precision`."""
     m = recipe.model
-    dtype = torch.bfloat16 if m.dtype == "bfloat16" else torch.float32
     if m.path:
-        return load_pretrained(m.path, dtype=dtype)
+        return load_pretrained(m.path, dtype=torch.float32)
     cfg = preset_config(m.preset, vocab_size=len(tokenizer), num_nextn_predict_layers=m.mtp, **m.overrides)
-    return build_model(cfg, seed=recipe.seed).to(dtype)
+    return build_model(cfg, seed=recipe.seed)
+
+
+def compute_precision(recipe: Recipe, model: CausalLM):
+    """The training forward's precision: `model.dtype: bfloat16` runs matmuls in bf16 under autocast over
+    the float32 master weights (the router stays in float32); float32 changes nothing."""
+    if recipe.model.dtype != "bfloat16":
+        return contextlib.nullcontext()
+    return torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16)
 
 
 def build_engine(recipe: Recipe, model: CausalLM, tokenizer, rank: int = 0):
@@ -61,12 +71,13 @@ def build_engine(recipe: Recipe, model: CausalLM, tokenizer, rank: int = 0):
         start = Path(recipe.output_dir) / ("rollout_start" if rank == 0 else f"rollout_start-rank{rank}")
         model.save_pretrained(start)
         tokenizer.save_pretrained(start)
-        return VLLMEngine(start, kv_cache_memory_bytes=r.cache_memory_mb * 1024**2, seed=recipe.seed,
-                          tokenizer=tokenizer)
+        # The policy's dtype: vLLM's own default here is float32, twice the memory of a bf16 model.
+        return VLLMEngine(start, dtype=recipe.model.dtype, kv_cache_memory_bytes=r.cache_memory_mb * 1024**2,
+                          seed=recipe.seed, tokenizer=tokenizer)
     from .rollout.engine import Engine
 
     return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
-                  max_num_seqs=r.max_num_seqs, seed=recipe.seed)
+                  max_num_seqs=r.max_num_seqs, seed=recipe.seed, record_routing=recipe.algorithm.routing_replay)
 
 
 def lr_factor(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0):
@@ -94,20 +105,22 @@ class CompletionLogprobs(nn.Module):
     completion tokens of a right-padded batch. The trainer's backward runs through this forward, so this
     is the module DDP and FSDP wrap (FSDP's hooks need the LM head used inside a forward)."""
 
-    def __init__(self, model: CausalLM, temperature: float):
+    def __init__(self, model: CausalLM, recipe: Recipe):
         super().__init__()
-        self.model, self.temperature = model, temperature
+        self.model, self.recipe = model, recipe
 
-    def forward(self, ids: torch.Tensor, where: torch.Tensor, targets: torch.Tensor, entropy: bool = False):
+    def forward(self, ids: torch.Tensor, where: torch.Tensor, targets: torch.Tensor, entropy: bool = False,
+                routing: torch.Tensor | None = None):
         """ids [B, L] prompt + completion; where [B, T] the position predicting completion token t;
-        targets [B, T] the completion tokens."""
-        m = self.model
-        hidden = m.model.norm(m.hidden_states(ids))  # [B, L, D]
-        h = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, D]
-        if entropy:
-            lp, ent = token_logprobs_and_entropy(h, m.lm_head.weight, targets, self.temperature)
-        else:
-            lp, ent = token_logprobs(h, m.lm_head.weight, targets, self.temperature), None
+        targets [B, T] the completion tokens; routing [B, L, M, K] the experts to replay, or None."""
+        m, temperature = self.model, self.recipe.sampling.temperature
+        with compute_precision(self.recipe, m):
+            hidden = m.model.norm(m.hidden_states(ids, routing=routing))  # [B, L, D]
+            h = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, D]
+            if entropy:
+                lp, ent = token_logprobs_and_entropy(h, m.lm_head.weight, targets, temperature)
+            else:
+                lp, ent = token_logprobs(h, m.lm_head.weight, targets, temperature), None
         # Fresh tensors, not views: FSDP hooks its backward onto the outputs, which an in-place op on a
         # view would silently drop (and it warns about views).
         return lp.clone(), ent.clone() if ent is not None else None
@@ -125,6 +138,7 @@ class Rollout:
     per_function: dict[str, list[float | None]]
     texts: list[str]
     prompts: list[str]
+    routing: list[torch.Tensor | None]  # [P*G] each [prompt + completion - 1, M, K] with routing replay, else None
 
 
 @dataclass
@@ -157,6 +171,7 @@ class RolloutStats:
 # ----- the trainer ------------------------------------------------------------------------------------------
 class GRPOTrainer:
     def __init__(self, recipe: Recipe, resume: bool = False, world_rank: int = 0, world_size: int = 1):
+        self.started = time.perf_counter()  # time/elapsed_s counts from here: setup included, like a peer's wall time
         self.recipe = recipe
         self.rank, self.world_size = world_rank, world_size
         self.out = Path(recipe.output_dir)
@@ -174,10 +189,7 @@ class GRPOTrainer:
         self.rows = rows
         self.eval_rows: list[dict[str, Any]] = []
         if recipe.logging.eval_steps > 0:
-            same = d.eval_source is None
-            self.eval_rows = load_rows(d.eval_source or d.source, split="test", limit=d.eval_limit, seed=recipe.seed,
-                                       task_options=d.task_options if same else None,
-                                       field_map=d.field_map if same else None)
+            self.eval_rows = load_eval_rows(d, seed=recipe.seed)
             self.prompt_tokens_eval = [self._encode(render_prompt(r, d.template, self.tokenizer)) for r in self.eval_rows]
         self.policy = build_policy(recipe, self.tokenizer)
         self._check_context()
@@ -212,16 +224,15 @@ class GRPOTrainer:
                         the policy itself, except under FSDP, whose sharded forward is a collective (ranks
                         generating different lengths would deadlock): there an unsharded copy that receives
                         the full weights after every optimizer step (`_sync_rollout_policy`)."""
-        temperature = self.recipe.sampling.temperature
         self.rollout_policy = self.policy
         if parallel is not None and not distributed.is_distributed():
             raise RecipeError(f"world_size {self.world_size} needs a process group: launch with torchrun")
         if parallel == "fsdp":
             self.rollout_policy = copy.deepcopy(self.policy)
-        module = CompletionLogprobs(self.policy, temperature)
+        module = CompletionLogprobs(self.policy, self.recipe)
         self.train_model = distributed.wrap(module, parallel, self.policy.model.layers) if parallel else module
-        self.old_model = CompletionLogprobs(self.rollout_policy, temperature)
-        self.reference_model = CompletionLogprobs(self.reference, temperature) if self.reference else None
+        self.old_model = CompletionLogprobs(self.rollout_policy, self.recipe)
+        self.reference_model = CompletionLogprobs(self.reference, self.recipe) if self.reference else None
 
     def _sync_rollout_policy(self) -> None:
         if self.rollout_policy is not self.policy:
@@ -282,7 +293,7 @@ class GRPOTrainer:
             completion_ids=[c.token_ids for c in completions], rollout_logprobs=[c.logprobs for c in completions],
             finish_reasons=[c.finish_reason for c in completions],
             rewards=torch.tensor(scores.total, dtype=torch.float32), per_function=scores.per_function,
-            texts=texts, prompts=prompts)
+            texts=texts, prompts=prompts, routing=[c.routed_experts for c in completions])
 
     def collect(self) -> tuple[Rollout, dict[str, float]]:
         """This rank's rollouts for this step; with dynamic sampling (DAPO), groups whose rewards are all equal
@@ -325,7 +336,7 @@ class GRPOTrainer:
                        [ro.rollout_logprobs[i] for i in idx], [ro.finish_reasons[i] for i in idx],
                        ro.rewards[idx] if idx else ro.rewards[:0],
                        {k: [v[i] for i in idx] for k, v in ro.per_function.items()},
-                       [ro.texts[i] for i in idx], [ro.prompts[i] for i in idx])
+                       [ro.texts[i] for i in idx], [ro.prompts[i] for i in idx], [ro.routing[i] for i in idx])
 
     def _batch(self, ro: Rollout, rows: list[int]) -> dict[str, torch.Tensor]:
         """Right-padded sequences and the completion-aligned gather index for micro-batch `rows`."""
@@ -346,7 +357,14 @@ class GRPOTrainer:
             rollout_lp[b, :c] = torch.tensor(ro.rollout_logprobs[i])
             if self.recipe.algorithm.mask_truncated_completions and ro.finish_reasons[i] == "length":
                 mask[b] = False
-        return {"ids": ids, "targets": targets, "mask": mask, "where": where, "rollout_logprobs": rollout_lp}
+        batch = {"ids": ids, "targets": targets, "mask": mask, "where": where, "rollout_logprobs": rollout_lp}
+        if self.recipe.algorithm.routing_replay and ro.routing[rows[0]] is not None:
+            _, M, K = ro.routing[rows[0]].shape
+            routing = torch.full((len(rows), L, M, K), -1, dtype=torch.int16)  # -1: padding, the gate chooses
+            for b, i in enumerate(rows):
+                routing[b, : len(ro.routing[i])] = ro.routing[i]
+            batch["routing"] = routing
+        return batch
 
     def _empty_batch(self, ro: Rollout) -> dict[str, torch.Tensor]:
         """A one-row micro-batch that counts no token: no loss, zero gradients."""
@@ -355,9 +373,15 @@ class GRPOTrainer:
         b["advantages"] = torch.zeros(1)
         return b
 
-    def completion_logprobs(self, model: nn.Module, batch: dict[str, torch.Tensor], entropy: bool = False):
-        """Per-token log-probabilities [B, T] (and entropy) of the completions; `model` a CompletionLogprobs."""
-        return model(batch["ids"], batch["where"], batch["targets"], entropy)
+    def completion_logprobs(self, model: nn.Module, batch: dict[str, torch.Tensor], entropy: bool = False,
+                            replay: bool = True):
+        """Per-token log-probabilities [B, T] (and entropy) of the completions; `model` a CompletionLogprobs
+        (possibly wrapped by DDP or FSDP) or a plain CausalLM.
+        replay: route each token to the experts the rollout used, when the batch carries them."""
+        if isinstance(model, CausalLM):
+            model = CompletionLogprobs(model, self.recipe)
+        routing = batch.get("routing") if replay else None
+        return model(batch["ids"], batch["where"], batch["targets"], entropy, routing)
 
     def train_step(self) -> dict[str, float]:
         r, a = self.recipe, self.recipe.algorithm
@@ -388,7 +412,7 @@ class GRPOTrainer:
         need_old = a.num_iterations > 1 or a.rollout_is_cap is not None
         with torch.no_grad():
             old = [self.completion_logprobs(self.old_model, b)[0] for b in batches] if need_old else None
-            ref = [self.completion_logprobs(self.reference_model, b)[0] for b in batches] \
+            ref = [self.completion_logprobs(self.reference_model, b, replay=False)[0] for b in batches] \
                 if self.reference_model else None
         t_ref = time.perf_counter() - t1
         sums: dict[str, float] = {"loss": 0.0, "batches": 0.0, "mismatch": 0.0, "mismatch_tokens": 0.0}
@@ -454,6 +478,7 @@ class GRPOTrainer:
             "learning_rate": self.scheduler.get_last_lr()[0],
             "time/rollout_s": t_rollout, "time/ref_old_logprobs_s": t_ref, "time/update_s": t_update,
             "time/step_s": time.perf_counter() - t0,
+            "time/elapsed_s": time.perf_counter() - self.started,
             "tokens_per_s": float(lengths.sum()) / max(time.perf_counter() - t0, 1e-9),
             **stats,
         }
@@ -538,7 +563,8 @@ def _concat_rollouts(parts: list[Rollout]) -> Rollout:
         [x for p in parts for x in p.rollout_logprobs], [x for p in parts for x in p.finish_reasons],
         torch.cat([p.rewards for p in parts]),
         {k: [x for p in parts for x in p.per_function[k]] for k in first.per_function},
-        [x for p in parts for x in p.texts], [x for p in parts for x in p.prompts])
+        [x for p in parts for x in p.texts], [x for p in parts for x in p.prompts],
+        [x for p in parts for x in p.routing])
 
 
 class MetricsLogger:

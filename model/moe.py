@@ -43,9 +43,14 @@ class Gate(nn.Module):
         else:
             self.e_score_correction_bias = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, D] -> weights [N, K] (x.dtype), expert ids [N, K], scores [N, E] (float32)."""
-        logits = F.linear(x.float(), self.weight.float())
+    def forward(self, x: torch.Tensor, forced_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> weights [N, K] (x.dtype), expert ids [N, K], scores [N, E] (float32).
+
+        forced_ids [N, K]: routing replay; rows >= 0 use these experts instead of choosing (their weights
+        still come from this gate's scores, so the gate keeps its gradient); rows of -1 choose as usual."""
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions stay in float32
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.topk_method != "greedy" and self.n_group > 1:
@@ -59,6 +64,8 @@ class Gate(nn.Module):
             fill = float("-inf") if self.topk_method == "noaux_tc" else 0.0
             choice = grouped.masked_fill(~keep.unsqueeze(-1), fill).view(-1, self.n_experts)
         expert_ids = choice.topk(self.top_k, dim=-1).indices
+        if forced_ids is not None:
+            expert_ids = torch.where(forced_ids[:, :1] >= 0, forced_ids.long(), expert_ids)
         weights = scores.gather(1, expert_ids)  # the bias picks experts; the unbiased scores weigh them
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -134,12 +141,19 @@ class MoE(nn.Module):
         self.track_load = False
         self.seq_aux_alpha = 0.0
         self.aux_loss: torch.Tensor | None = None
+        # Routing replay: when recording, the experts each token of the last forward went to, [B, T, K].
+        self.record_routing = False
+        self.last_expert_ids: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]."""
+    def forward(self, x: torch.Tensor, routing: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]. routing [B, T, K]: experts to use instead of the gate's choice
+        (-1 rows: the gate chooses), e.g. those the rollout engine recorded for the same tokens."""
         B, T, D = x.shape
         flat = x.reshape(-1, D)
-        weights, expert_ids, scores = self.gate(flat)  # [N, K], [N, K], [N, E]
+        forced = routing.reshape(B * T, -1) if routing is not None else None
+        weights, expert_ids, scores = self.gate(flat, forced)  # [N, K], [N, K], [N, E]
+        if self.record_routing:
+            self.last_expert_ids = expert_ids.view(B, T, -1)
         out = self.experts(flat, weights, expert_ids).view(B, T, D)
         if self.track_load:
             self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.n_experts).to(self.expert_load)

@@ -30,9 +30,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: CacheView | None = None, absorb: bool = False) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]."""
+                cache: CacheView | None = None, absorb: bool = False,
+                routing: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; routing [B, T, K] replays the MoE layer's expert choice."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, absorb)
+        if routing is not None:
+            return h + self.mlp(self.post_attention_layernorm(h), routing)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -48,15 +51,22 @@ class Decoder(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                cache: CacheView | None = None, absorb: bool = False) -> torch.Tensor:
-        """input_ids, positions [B, T]; mask [B, T, S] or None (causal) -> hidden [B, T, D]."""
+                cache: CacheView | None = None, absorb: bool = False,
+                routing: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [B, T]; mask [B, T, S] or None (causal) -> hidden [B, T, D].
+        routing [B, T, M, K]: expert ids to replay in the M MoE layers, in layer order."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions)
+        moe_index = 0
         for layer in self.layers:
+            layer_routing = None
+            if routing is not None and isinstance(layer.mlp, MoE):
+                layer_routing = routing[:, :, moe_index]
+                moe_index += 1
             if self.gradient_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, mask, None, False, layer_routing, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, cache, absorb)
+                h = layer(h, cos, sin, mask, cache, absorb, layer_routing)
         return h
 
 
@@ -94,19 +104,22 @@ class CausalLM(nn.Module):
     # ----- forward --------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: CacheView | None = None,
-                absorb: bool = False) -> torch.Tensor:
+                absorb: bool = False, routing: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]. See `hidden_states` for the arguments."""
-        return self.lm_head(self.model.norm(self.hidden_states(input_ids, positions, attention_mask, cache, absorb)))
+        hidden = self.hidden_states(input_ids, positions, attention_mask, cache, absorb, routing)
+        return self.lm_head(self.model.norm(hidden))
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, cache: CacheView | None = None,
-                      absorb: bool = False) -> torch.Tensor:
+                      absorb: bool = False, routing: torch.Tensor | None = None) -> torch.Tensor:
         """The last block's output [B, T, D], before the final norm.
 
         positions [B, T]: token positions; by default counted from the first real token of each row.
         attention_mask [B, T]: 1 for real tokens, 0 for padding (either side).
         cache: write this call's latents there and attend over the view's context (prefill or decode).
         absorb: attend with the weight-absorbed path (the decode path; needs no per-head keys).
+        routing [B, T, M, K]: routing replay, the expert ids each token uses in each of the M MoE layers
+            (-1: let the gate choose), e.g. what `recorded_routing` returned for the same tokens.
         """
         if positions is None:
             if cache is not None:
@@ -116,7 +129,7 @@ class CausalLM(nn.Module):
             else:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         mask = self._attention_mask(input_ids.shape[1], positions, attention_mask, cache)
-        return self.model(input_ids, positions.clamp(min=0), mask, cache, absorb)
+        return self.model(input_ids, positions.clamp(min=0), mask, cache, absorb, routing)
 
     @staticmethod
     def _attention_mask(T: int, positions: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -173,6 +186,18 @@ class CausalLM(nn.Module):
         sequence-wise balance loss (read it with `balance_loss` after a forward)."""
         for m in self.moe_layers():
             m.track_load, m.seq_aux_alpha = track_load, seq_aux_alpha
+
+    def record_routing(self, on: bool = True) -> None:
+        """Keep the expert ids of each forward, for `recorded_routing` (routing replay)."""
+        for m in self.moe_layers():
+            m.record_routing, m.last_expert_ids = on, None
+
+    def recorded_routing(self) -> torch.Tensor | None:
+        """The last forward's expert ids [B, T, M, K] over the M MoE layers; None without MoE or recording."""
+        ids = [b.mlp.last_expert_ids for b in self.model.layers if isinstance(b.mlp, MoE)]
+        if not ids or any(i is None for i in ids):
+            return None
+        return torch.stack(ids, dim=2)
 
     def balance_loss(self) -> torch.Tensor:
         losses = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]

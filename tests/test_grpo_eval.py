@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from grpo.cli import main
+from grpo.data import load_rows
 from grpo.evaluation import (
     SAMPLE_FIELDS,
     SHARED_DATA_DIR,
@@ -21,6 +22,7 @@ from grpo.evaluation import (
     format_table,
     grade_samples,
     load_benchmark,
+    load_eval_rows,
     majority_at_k,
     mean_at_n,
     parse_ks,
@@ -175,6 +177,21 @@ def test_benchmark_layouts_are_detected(tmp_path, monkeypatch):
     tasks = load_benchmark("countdown", limit=3)
     assert len(tasks) == 3 and all({"prompt", "answer", "numbers", "target"} <= set(r) for r in tasks)
     assert tasks == load_benchmark("countdown", limit=3)  # fixed seed
+
+
+def test_training_eval_rows_come_from_the_test_split_or_a_named_benchmark(tmp_path, monkeypatch):
+    from grpo.config import DataSection
+
+    # No eval_source: the training source's test split, with its task options and field map.
+    d = DataSection(source="addition", task_options={"digits": 3}, eval_limit=5)
+    rows = load_eval_rows(d, seed=1)
+    assert rows == load_rows("addition", split="test", limit=5, seed=1, task_options={"digits": 3})
+    # An eval_source is a benchmark: a GSM8K-layout file in $GRPO_DATA_DIR, question and "#### N" normalized.
+    line = {"question": "Tom has 3 apples and buys 4. How many?", "answer": "3 + 4 = 7\n#### 7"}
+    (tmp_path / "gsm8k_test.jsonl").write_text(json.dumps(line) + "\n")
+    monkeypatch.setenv("GRPO_DATA_DIR", str(tmp_path))
+    d = DataSection(source="train.jsonl", field_map={"question": "prompt"}, eval_source="gsm8k", eval_limit=5)
+    assert load_eval_rows(d) == [{"prompt": line["question"], "answer": "7", "solution": line["answer"]}]
 
 
 def test_countdown_rows_are_graded_by_the_countdown_reward():

@@ -30,18 +30,20 @@ class Engine:
 
     cache_memory_bytes: the pool's size (rounded down to whole blocks); or give num_blocks.
     tokenizer: needed for stop strings and returned text; its eos_token_id ends sequences.
+    record_routing: return each completion's expert choices (`Completion.routed_experts`), so that the
+        trainer can replay them (routing replay: the training forward uses the experts that sampled).
     """
 
     def __init__(self, model: CausalLM, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  cache_memory_bytes: int = 256 * 1024**2, max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
-                 seed: int = 0):
+                 seed: int = 0, record_routing: bool = False):
         self.model, self.tokenizer = model, tokenizer
         cfg = model.config
         bytes_per_block = cfg.num_hidden_layers * cfg.latent_dim * block_size * model.lm_head.weight.element_size()
         self.num_blocks = num_blocks or max(1, cache_memory_bytes // bytes_per_block)
         self.block_size = block_size
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
-        self.runner = ModelRunner(model, self.num_blocks, block_size)
+        self.runner = ModelRunner(model, self.num_blocks, block_size, record_routing=record_routing)
         self.block_manager = BlockManager(self.num_blocks, block_size)
         self.seed_source = random.Random(seed)
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -94,6 +96,7 @@ class Engine:
                         child = Sequence(seq.token_ids, sp, request, k, self._generator(sp, k))
                         self.block_manager.fork(seq, child)
                         child.num_cached, child.status = seq.num_cached, Status.RUNNING
+                        child.routing = list(seq.routing)
                         scheduler.running.append(child)
                         rows.append(row)
                         seqs.append(child)
@@ -150,4 +153,5 @@ class Engine:
 
     def _completion(self, seq: Sequence) -> Completion:
         text = self.tokenizer.decode(seq.completion_ids) if self.tokenizer is not None else None
-        return Completion(seq.completion_ids, list(seq.logprobs), seq.finish_reason or "length", text)
+        routing = torch.cat(seq.routing) if seq.routing else None
+        return Completion(seq.completion_ids, list(seq.logprobs), seq.finish_reason or "length", text, routing)

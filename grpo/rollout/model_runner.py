@@ -13,8 +13,10 @@ from .sequence import Sequence
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype | None = None):
+    def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
+                 record_routing: bool = False):
         self.model = model
+        self.record_routing = record_routing  # keep each token's experts on its sequence (routing replay)
         self.block_size = block_size
         device = model.lm_head.weight.device
         self.cache = LatentCache(model.config, num_blocks * block_size, dtype or model.lm_head.weight.dtype, device,
@@ -76,9 +78,19 @@ class ModelRunner:
         else:
             view = self._staged_view(seqs, positions, S)
         device = self.model.lm_head.weight.device
-        hidden = self.model.hidden_states(ids.to(device), positions.clamp(min=0).to(device), cache=view,
-                                          absorb=not prefill)
+        if self.record_routing:
+            self.model.record_routing(True)
+        try:
+            hidden = self.model.hidden_states(ids.to(device), positions.clamp(min=0).to(device), cache=view,
+                                              absorb=not prefill)
+            routing = self.model.recorded_routing() if self.record_routing else None  # [B, T, M, K]
+        finally:
+            if self.record_routing:
+                self.model.record_routing(False)
         last = hidden[torch.arange(len(seqs)), torch.tensor(lens) - torch.tensor(starts) - 1]  # [B, D]
-        for s in seqs:
+        for b, (s, c, n) in enumerate(zip(seqs, starts, lens)):
+            if routing is not None:
+                chunk = routing[b, : n - c].to(torch.int16).cpu()
+                s.routing = [chunk] if c == 0 else [*s.routing, chunk]  # c == 0: a (re)computed prefill
             s.num_cached = s.num_tokens
         return self.model.lm_head(self.model.model.norm(last)).float()

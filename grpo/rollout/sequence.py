@@ -34,6 +34,8 @@ class Sequence:
         self.finish_reason: str | None = None
         # A group's prompt: prefilled once, then forked into these (request, sample) pairs.
         self.fan_out: list[tuple[int, int, SamplingParams]] = []
+        # Routing replay: the experts of every token fed so far, in chunks of [t, M MoE layers, K] (int16).
+        self.routing: list[torch.Tensor] = []
 
     @property
     def num_tokens(self) -> int:

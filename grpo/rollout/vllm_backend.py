@@ -38,6 +38,8 @@ INSTALL_HINT = ("VLLMEngine needs vLLM: `pip install vllm` on a GPU machine, or 
                 "match the installed torch)")
 # On CPU, vLLM's default sizes the KV cache as a fraction of all RAM; a fixed pool is the sensible default.
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+# The longest prompt + completion vLLM is set up for unless told otherwise (the dry run checks against it).
+DEFAULT_MAX_MODEL_LEN = 4096
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -95,7 +97,8 @@ class VLLMEngine:
         self.tokenizer = tokenizer
         self.on_cpu = bool(current_platform.is_cpu())
         if max_model_len is None:
-            max_model_len = min(int(self.config.get("max_position_embeddings", 4096)), 4096)
+            max_model_len = min(int(self.config.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN)),
+                                DEFAULT_MAX_MODEL_LEN)
         self.max_model_len = max_model_len
         # Without tokenizer files vLLM cannot load a tokenizer; prompts are token ids anyway.
         self.has_vllm_tokenizer = any((self.checkpoint_dir / f).is_file() for f in TOKENIZER_FILES)

@@ -1,0 +1,107 @@
+"""The whole R1 recipe in one call: cold-start SFT, GRPO from the SFT model, then both checkpoints evaluated
+on the same held-out problems; writes report.json, report.md and the training curves under output_dir."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from model import load_pretrained
+
+from .checkpointing import latest_checkpoint
+from .config import Recipe
+from .data import load_rows
+from .evaluation import evaluate
+from .rollout.engine import Engine
+from .sft import SFTTrainer
+from .trainer import GRPOTrainer, build_tokenizer
+
+
+def held_out_rows(recipe: Recipe) -> list[dict[str, Any]]:
+    """The evaluation problems: the test split of the data source (or data.eval_source)."""
+    d = recipe.data
+    same = d.eval_source is None
+    return load_rows(d.eval_source or d.source, split="test", limit=recipe.evaluation.limit, seed=recipe.seed,
+                     task_options=d.task_options if same else None, field_map=d.field_map if same else None)
+
+
+def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """pass@1 (the mean over `evaluation.n` samples at `evaluation.temperature`), format compliance, mean
+    length, and one correct completion as an example."""
+    e = recipe.evaluation
+    tokenizer = build_tokenizer(dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=str(model_dir))))
+    model = load_pretrained(model_dir).eval()
+    engine = Engine(model, tokenizer, seed=recipe.seed)
+    result = evaluate(engine, tokenizer, rows, template=recipe.data.template, n=e.n, ks=[1],
+                      temperature=e.temperature, max_tokens=recipe.sampling.max_completion_length, seed=recipe.seed,
+                      breakdown_field=[])
+    s = result.summary
+    example = next((x for x in result.samples if x.get("correct")), result.samples[0] if result.samples else None)
+    return {"pass@1": s["pass@1"], "format": s.get("format"), "mean_length": s.get("mean_length"),
+            "example": {"prompt": example["prompt"], "completion": example["completion"]} if example else None}
+
+
+def run_r1(recipe: Recipe) -> dict[str, Any]:
+    """SFT -> evaluate -> GRPO -> evaluate; returns (and writes) the report."""
+    out = Path(recipe.output_dir)
+    rows = held_out_rows(recipe)
+    report: dict[str, Any] = {"recipe": recipe.output_dir, "held_out_problems": len(rows),
+                              "eval": dataclasses.asdict(recipe.evaluation), "stages": {}}
+
+    t = time.perf_counter()
+    sft = SFTTrainer(recipe)
+    sft.train()
+    report["stages"]["sft"] = {"seconds": round(time.perf_counter() - t, 1), "steps": recipe.sft.steps}
+    sft_model = sft.out / "model"
+
+    t = time.perf_counter()
+    report["sft_eval"] = evaluate_checkpoint(recipe, sft_model, rows)
+    report["stages"]["eval_sft"] = {"seconds": round(time.perf_counter() - t, 1)}
+
+    t = time.perf_counter()
+    grpo_recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=str(sft_model), preset=None,
+                                                                        tokenizer=None))
+    trainer = GRPOTrainer(grpo_recipe)
+    history = trainer.train()
+    report["stages"]["grpo"] = {"seconds": round(time.perf_counter() - t, 1), "steps": recipe.max_steps}
+    final_model = latest_checkpoint(out) / "model"  # train() saves the last step
+
+    t = time.perf_counter()
+    report["grpo_eval"] = evaluate_checkpoint(recipe, final_model, rows)
+    report["stages"]["eval_grpo"] = {"seconds": round(time.perf_counter() - t, 1)}
+    report["total_seconds"] = round(sum(s["seconds"] for s in report["stages"].values()), 1)
+    report["pass@1_gain"] = report["grpo_eval"]["pass@1"] - report["sft_eval"]["pass@1"]
+    first, last = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10):]
+    report["reward_first_steps"] = sum(h["reward"] for h in first) / len(first)
+    report["reward_last_steps"] = sum(h["reward"] for h in last) / len(last)
+
+    from .plot import plot_run
+
+    report["plots"] = [str(p) for p in plot_run(out)]
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(format_report(report))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as Markdown: the before/after table, the time of each stage, an example completion."""
+    e, s, g = report["eval"], report["sft_eval"], report["grpo_eval"]
+    lines = [
+        f"Held-out problems: {report['held_out_problems']}, {e['n']} samples each at temperature {e['temperature']}.",
+        "",
+        "| checkpoint | pass@1 | format | mean length |",
+        "|---|---|---|---|",
+        f"| after SFT | {s['pass@1']:.3f} | {s['format']:.3f} | {s['mean_length']:.1f} |",
+        f"| after GRPO | {g['pass@1']:.3f} | {g['format']:.3f} | {g['mean_length']:.1f} |",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {name} | {v['seconds']:.1f} |" for name, v in report["stages"].items()],
+        f"| total | {report['total_seconds']:.1f} |",
+    ]
+    if g.get("example"):
+        lines += ["", "An example after GRPO:", "", "```", g["example"]["prompt"] + g["example"]["completion"], "```"]
+    return "\n".join(lines) + "\n"
