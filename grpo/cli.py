@@ -44,7 +44,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """GRPO training from a recipe."""
+    """GRPO training from a recipe; under torchrun, one data-parallel rank of it."""
+    from . import distributed
     from .checkpointing import latest_checkpoint
     from .config import load_recipe
     from .trainer import GRPOTrainer
@@ -58,12 +59,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {recipe.output_dir} already holds checkpoints: pass --resume to continue, or choose "
               f"another output_dir (output_dir=...)", file=sys.stderr)
         return 2
-    trainer = GRPOTrainer(recipe, resume=args.resume)
-    history = trainer.train()
-    if history:
-        last = history[-1]
-        print(f"step {last['step']}: reward {last['reward']:.3f}, mean length {last['completions/mean_length']:.1f}")
-    print(f"checkpoints in {Path(recipe.output_dir) / 'checkpoints'}")
+    world = distributed.init_from_env()
+    try:
+        trainer = GRPOTrainer(recipe, resume=args.resume, world_rank=world.rank, world_size=world.world_size)
+        history = trainer.train()
+    finally:
+        distributed.shutdown()
+    if world.rank == 0:
+        if history:
+            last = history[-1]
+            print(f"step {last['step']}: reward {last['reward']:.3f}, "
+                  f"mean length {last['completions/mean_length']:.1f}")
+        print(f"checkpoints in {Path(recipe.output_dir) / 'checkpoints'}")
     return 0
 
 
@@ -203,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mtp", type=int, default=0, help="number of multi-token prediction depths")
     p.add_argument("--force", action="store_true", help="overwrite a non-empty directory")
     p.set_defaults(func=cmd_new_model)
-    p = sub.add_parser("train", help="GRPO training from a YAML recipe")
+    p = sub.add_parser("train", help="GRPO training from a YAML recipe (several processes: under torchrun)")
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. algorithm.beta=0.04")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")

@@ -141,7 +141,8 @@ class Recipe:
     output_dir: str = "runs/grpo"
     max_steps: int = 100
     seed: int = 0
-    prompts_per_step: int = 8
+    prompts_per_step: int = 8  # the GLOBAL batch: split over the ranks of a torchrun job
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # how several ranks train: replicas (DDP) or shards (FSDP2)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy"), RewardSpec("format")])
