@@ -84,7 +84,8 @@ def main() -> None:
     ap.add_argument("--trl-steps", type=int, default=100)
     ap.add_argument("--ours-steps", type=int, default=150)
     ap.add_argument("--save-every", type=int, default=10)
-    ap.add_argument("--lr", type=float, default=5e-4, help="our GRPO learning rate")
+    ap.add_argument("--lr", type=float, default=1e-4, help="our GRPO learning rate (constant)")
+    ap.add_argument("--extra", nargs="*", default=[], help="more recipe overrides for our run")
     ap.add_argument("--sft-checkpoint", help="skip stage 1: a checkpoint made by an earlier run")
     ap.add_argument("--skip-trl", help="JSON of an earlier TRL result (trl_grpo_s, trl_pass1) instead of running it")
     ap.add_argument("--out", default=tempfile.mkdtemp(prefix="learning_"))
@@ -138,7 +139,7 @@ def main() -> None:
                 f"model.path={sft_ckpt}", f"data.source={grpo_data}", "data.template='{prompt}'",
                 f"rewards=[{{name: '{out / 'peer_reward.py'}:accuracy'}}]", f"optim.lr={args.lr}",
                 f"logging.save_every={args.save_every}", "logging.keep_last=1000", "logging.tensorboard=false",
-                "logging.progress_bar=false", *OURS], out / "ours.log")
+                "logging.progress_bar=false", *OURS, *args.extra], out / "ours.log")
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     elapsed = {m["step"]: m["time/elapsed_s"] for m in metrics}
 

@@ -20,9 +20,23 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, inter_dim, bias=False)
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
+        self._fused: tuple[tuple[int, ...], torch.Tensor] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D]."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # Inference (rollouts): one matmul for gate and up, over a fused copy made once per weight version.
+        gate, up = F.linear(x, self._gate_up()).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+    def _gate_up(self) -> torch.Tensor:
+        """[2I, D]: gate_proj's rows, then up_proj's."""
+        g, u = self.gate_proj.weight, self.up_proj.weight
+        key = (g.data_ptr(), g._version, u.data_ptr(), u._version)
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, torch.cat([g, u]).detach())
+        return self._fused[1]
 
 
 class Gate(nn.Module):
@@ -91,10 +105,12 @@ class Experts(nn.Module):
         flat_ids = expert_ids.flatten()  # [N*K]
         order = flat_ids.argsort(stable=True)
         token_of = order // K  # the token of each (token, expert) pair, in expert order
-        counts = torch.bincount(flat_ids, minlength=self.n_experts)
-        if not torch.is_grad_enabled() and len(flat_ids) <= self.small_batch * self.n_experts:
-            return self._forward_padded(x, weights, flat_ids, order, token_of, counts)
-        counts = counts.tolist()
+        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
+        # Padding every expert to the busiest one's count pays off only while the load is fairly even.
+        padded_rows = max(counts) * self.n_experts
+        if not torch.is_grad_enabled() and len(flat_ids) <= self.small_batch * self.n_experts \
+                and padded_rows <= 2 * len(flat_ids):
+            return self._forward_padded(x, weights, flat_ids, order, token_of, torch.tensor(counts))
         # split and unbind, not slicing and indexing: their backward writes each gradient once, instead
         # of scattering every expert's share into a fresh zero tensor of the full size.
         xs = x.index_select(0, token_of).split(counts)  # per expert: [n_e, D]
