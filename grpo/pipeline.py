@@ -13,19 +13,16 @@ from model import load_pretrained
 
 from .checkpointing import latest_checkpoint
 from .config import Recipe
-from .data import load_rows
-from .evaluation import evaluate
+from .evaluation import evaluate, load_eval_rows
 from .rollout.engine import Engine
 from .sft import SFTTrainer
 from .trainer import GRPOTrainer, build_tokenizer
 
 
 def held_out_rows(recipe: Recipe) -> list[dict[str, Any]]:
-    """The evaluation problems: the test split of the data source (or data.eval_source)."""
-    d = recipe.data
-    same = d.eval_source is None
-    return load_rows(d.eval_source or d.source, split="test", limit=recipe.evaluation.limit, seed=recipe.seed,
-                     task_options=d.task_options if same else None, field_map=d.field_map if same else None)
+    """The evaluation problems, read as training's periodic evaluation reads them (the test split of the data
+    source, or data.eval_source as a benchmark), `evaluation.limit` of them."""
+    return load_eval_rows(dataclasses.replace(recipe.data, eval_limit=recipe.evaluation.limit), seed=recipe.seed)
 
 
 def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
