@@ -105,12 +105,13 @@ class Experts(nn.Module):
         flat_ids = expert_ids.flatten()  # [N*K]
         order = flat_ids.argsort(stable=True)
         token_of = order // K  # the token of each (token, expert) pair, in expert order
-        counts = torch.bincount(flat_ids, minlength=self.n_experts).tolist()
+        expert_counts = torch.bincount(flat_ids, minlength=self.n_experts)  # on x's device, for the padded path
+        counts = expert_counts.tolist()
         # Padding every expert to the busiest one's count pays off only while the load is fairly even.
         padded_rows = max(counts) * self.n_experts
         if not torch.is_grad_enabled() and len(flat_ids) <= self.small_batch * self.n_experts \
                 and padded_rows <= 2 * len(flat_ids):
-            return self._forward_padded(x, weights, flat_ids, order, token_of, torch.tensor(counts))
+            return self._forward_padded(x, weights, flat_ids, order, token_of, expert_counts)
         # split and unbind, not slicing and indexing: their backward writes each gradient once, instead
         # of scattering every expert's share into a fresh zero tensor of the full size.
         xs = x.index_select(0, token_of).split(counts)  # per expert: [n_e, D]
