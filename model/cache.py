@@ -6,6 +6,7 @@ per-sequence layout and a paged block table (the rollout engine's) are the same 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -61,10 +62,21 @@ class CacheView:
 
     def write(self, layer: int, latent: torch.Tensor) -> None:
         """latent [B, T, r + dr] -> the layer's slots."""
+        slots, rows = self._write_plan
+        pool = self.cache.data[layer]
+        flat = latent.reshape(-1, latent.shape[-1])
+        pool.index_copy_(0, slots, (flat if rows is None else flat.index_select(0, rows)).to(pool.dtype))
+
+    @cached_property
+    def _write_plan(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Worked out once per view, for all layers: the slots written, and which of the B*T flattened
+        tokens go there (None: all of them)."""
         flat_slots = self.write_slots.reshape(-1)
         keep = flat_slots >= 0
-        pool = self.cache.data[layer]
-        pool.index_copy_(0, flat_slots[keep], latent.reshape(-1, latent.shape[-1])[keep].to(pool.dtype))
+        if bool(keep.all()):
+            return flat_slots, None
+        rows = keep.nonzero()[:, 0]
+        return flat_slots[rows], rows
 
     def read(self, layer: int) -> torch.Tensor:
         """-> context latents [B, S, r + dr]."""
@@ -96,8 +108,19 @@ class StagedCacheView(CacheView):
 
     def write(self, layer: int, latent: torch.Tensor) -> None:
         super().write(layer, latent)
+        rows, positions, tokens = self._stage_plan
+        flat = latent.reshape(-1, latent.shape[-1])
+        self.staging[layer].index_put_((rows, positions),
+                                       (flat if tokens is None else flat.index_select(0, tokens)).to(self.staging.dtype))
+
+    @cached_property
+    def _stage_plan(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Once per view: the staging row and position of each written token, and which flattened tokens
+        those are (None: all)."""
+        B, T = self.write_positions.shape
         rows, cols = (self.write_positions >= 0).nonzero(as_tuple=True)
-        self.staging[layer, rows, self.write_positions[rows, cols]] = latent[rows, cols].to(self.staging.dtype)
+        tokens = None if len(rows) == B * T else rows * T + cols
+        return rows, self.write_positions[rows, cols], tokens
 
     def read(self, layer: int) -> torch.Tensor:
         return self.staging[layer, :, : self.length]

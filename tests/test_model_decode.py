@@ -92,3 +92,41 @@ def test_absorbed_weights_are_derived_once_per_weight_version(model):
     torch.testing.assert_close(w_uk2, w_uk + 0.01)
     with torch.no_grad():
         attn.kv_b_proj.weight.sub_(0.01)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": None, "attention_bias": True}],
+                         ids=["q_lora", "no_q_lora_with_bias"])
+def test_fused_decode_step_matches_the_general_absorbed_forward(overrides):
+    """A no-grad one-token step takes Block.decode (fused projections, a mask bias); with grad enabled the
+    same call takes the modules' general path. Both must give the same logits and cache."""
+    m = build_model(preset_config("micro", vocab_size=61, **overrides), seed=5).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)  # nonzero attention biases, so dropping one would show
+    g = torch.Generator().manual_seed(2)
+    prompt = torch.randint(3, 61, (3, 6), generator=g)
+    results = []
+    for grad in (False, True):
+        cache = LatentCache(m.config, num_slots=3 * 8)
+        with torch.set_grad_enabled(grad):
+            pos = torch.arange(6).expand(3, 6)
+            m(prompt, positions=pos, cache=contiguous_view(cache, pos, 8))
+            pos = torch.tensor([[6], [6], [-1]])  # the last row is padding this step
+            logits = m(torch.tensor([[7], [9], [0]]), positions=pos.clamp(min=0),
+                       cache=contiguous_view(cache, pos, 8), absorb=True)
+        results.append((logits[:2].detach(), cache.data.clone()))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[0][1], results[1][1], atol=1e-6, rtol=0)
+
+
+def test_fused_decode_projection_follows_weight_updates(model):
+    attn = model.model.layers[0].self_attn
+    w, _ = attn.down_weights()
+    assert attn.down_weights()[0] is w
+    with torch.no_grad():
+        attn.kv_a_proj_with_mqa.weight.add_(0.01)
+    w2, _ = attn.down_weights()
+    torch.testing.assert_close(w2[-attn.kv_a_proj_with_mqa.weight.shape[0]:], attn.kv_a_proj_with_mqa.weight)
+    with torch.no_grad():
+        attn.kv_a_proj_with_mqa.weight.sub_(0.01)

@@ -49,34 +49,50 @@ class ModelRunner:
         lens = torch.tensor([s.num_tokens for s in seqs])[:, None]
         return self._slots(seqs, torch.where(context < lens, context, torch.full_like(context, -1))).clamp(min=0)
 
-    def _staged_view(self, seqs: list[Sequence], positions: torch.Tensor, S: int) -> StagedCacheView:
-        """Decode view over the staging copy, regathered from the pool when the batch changed or outgrew it."""
+    def _staged_view(self, seqs: list[Sequence], positions: torch.Tensor, slots: torch.Tensor, S: int) -> StagedCacheView:
+        """Decode view over the staging copy, regathered from the pool when the batch changed or outgrew it.
+        positions, slots [B, 1]: the new tokens'."""
         key = [s.seq_id for s in seqs]
         if key != self._stage_key or self._staging is None or self._staging.shape[2] < S:
             capacity = S + self.stage_headroom
-            slots = self._context_slots(seqs, capacity).reshape(-1)
+            context = self._context_slots(seqs, capacity).reshape(-1)
             L, _, D = self.cache.data.shape
-            self._staging = self.cache.data.index_select(1, slots).view(L, len(seqs), capacity, D)
+            self._staging = self.cache.data.index_select(1, context).view(L, len(seqs), capacity, D)
             self._stage_key = key
-        return StagedCacheView(self.cache, self._slots(seqs, positions), positions.new_zeros(0, 0),
+        return StagedCacheView(self.cache, slots, positions.new_zeros(0, 0),
                                staging=self._staging, write_positions=positions, length=S)
+
+    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decode step's ids, positions and cache slots [B, 1], worked out in Python: one small tensor each
+        instead of a tensor op per sequence."""
+        bs = self.block_size
+        ids, positions, slots = [], [], []
+        for s in seqs:
+            p = s.num_tokens - 1
+            ids.append([s.token_ids[-1]])
+            positions.append([p])
+            slots.append([s.block_table[p // bs] * bs + p % bs])
+        return torch.tensor(ids), torch.tensor(positions), torch.tensor(slots)
 
     @torch.no_grad()
     def forward(self, seqs: list[Sequence], prefill: bool) -> torch.Tensor:
         """Feeds each sequence's uncached tokens; returns the logits of its last token [B, V] (float32)."""
         starts = [s.num_cached for s in seqs]
         lens = [s.num_tokens for s in seqs]
-        T = max(n - c for n, c in zip(lens, starts))
-        ids = torch.zeros(len(seqs), T, dtype=torch.long)
-        positions = torch.full((len(seqs), T), -1, dtype=torch.long)
-        for b, (s, c, n) in enumerate(zip(seqs, starts, lens)):
-            ids[b, : n - c] = torch.tensor(s.token_ids[c:n])
-            positions[b, : n - c] = torch.arange(c, n)
         S = max(lens)
         if prefill:
+            T = max(n - c for n, c in zip(lens, starts))
+            ids = torch.zeros(len(seqs), T, dtype=torch.long)
+            positions = torch.full((len(seqs), T), -1, dtype=torch.long)
+            for b, (s, c, n) in enumerate(zip(seqs, starts, lens)):
+                ids[b, : n - c] = torch.tensor(s.token_ids[c:n])
+                positions[b, : n - c] = torch.arange(c, n)
             view: CacheView = CacheView(self.cache, self._slots(seqs, positions), self._context_slots(seqs, S))
         else:
-            view = self._staged_view(seqs, positions, S)
+            if any(n - c != 1 for n, c in zip(lens, starts)):
+                raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
+            ids, positions, slots = self._decode_inputs(seqs)
+            view = self._staged_view(seqs, positions, slots, S)
         device = self.model.lm_head.weight.device
         if self.record_routing:
             self.model.record_routing(True)
@@ -87,7 +103,10 @@ class ModelRunner:
         finally:
             if self.record_routing:
                 self.model.record_routing(False)
-        last = hidden[torch.arange(len(seqs)), torch.tensor(lens) - torch.tensor(starts) - 1]  # [B, D]
+        if prefill:
+            last = hidden[torch.arange(len(seqs)), torch.tensor(lens) - torch.tensor(starts) - 1]  # [B, D]
+        else:
+            last = hidden[:, 0]
         for b, (s, c, n) in enumerate(zip(seqs, starts, lens)):
             if routing is not None:
                 chunk = routing[b, : n - c].to(torch.int16).cpu()

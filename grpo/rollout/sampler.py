@@ -37,11 +37,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     greedy = [p.greedy for p in params]
     tokens = logprobs.argmax(dim=-1)
     if not all(greedy):
-        probs = filter_probs(
-            logprobs.exp(),
-            torch.tensor([p.top_k for p in params], device=logits.device),
-            torch.tensor([p.top_p for p in params], device=logits.device, dtype=torch.float32),
-            torch.tensor([p.min_p for p in params], device=logits.device, dtype=torch.float32))
+        probs = logprobs.exp()
+        if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):  # else nothing to filter
+            probs = filter_probs(
+                probs,
+                torch.tensor([p.top_k for p in params], device=logits.device),
+                torch.tensor([p.top_p for p in params], device=logits.device, dtype=torch.float32),
+                torch.tensor([p.min_p for p in params], device=logits.device, dtype=torch.float32))
         # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i. Each row
         # draws its noise from its own generator, so a seeded sequence samples alike in any batch.
         noise = torch.stack([torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
