@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .config import Recipe, RecipeError
 from .data import check_columns, load_rows
 from .templates import render_prompt
-from .trainer import MetricsLogger, build_policy, build_tokenizer, compute_precision, lr_factor
+from .trainer import MetricsLogger, adamw, build_policy, build_tokenizer, compute_precision, lr_factor
 
 
 def r1_completion(row: dict[str, Any]) -> str:
@@ -45,8 +45,7 @@ class SFTTrainer:
         for i, (ids, _) in enumerate(self.examples):
             if len(ids) > limit:
                 raise RecipeError(f"data: example {i} is {len(ids)} tokens, beyond the model's context of {limit}")
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=s.lr, betas=tuple(recipe.optim.betas),
-                                           weight_decay=recipe.optim.weight_decay)
+        self.optimizer = adamw(self.model.parameters(), s.lr, recipe.optim.betas, recipe.optim.weight_decay)
 
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(s.warmup_steps, s.steps, s.schedule))
         self.generator = torch.Generator().manual_seed(recipe.seed)
