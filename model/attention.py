@@ -118,7 +118,7 @@ class MLA(nn.Module):
                          q_norm_eps=self.q_a_layernorm.eps if q_lora else 0.0, w_q=self.q_b_proj.weight if q_lora else None,
                          kv_norm=self.kv_a_layernorm.weight, kv_norm_eps=self.kv_a_layernorm.eps, w_uk=w_uk,
                          q_lora_rank=self.q_lora_rank or 0, kv_lora_rank=self.kv_lora_rank, n_heads=self.n_heads,
-                         nope_dim=self.nope_dim, rope_dim=self.rope_dim, interleave=self.rope_interleave),
+                         nope_dim=self.nope_dim, rope_dim=self.rope_dim),
             attend=dict(w_uv=w_uv, w_o=self.o_proj.weight, b_o=self.o_proj.bias, scale=self.softmax_scale,
                         kv_lora_rank=self.kv_lora_rank))
 
@@ -149,21 +149,22 @@ class MLA(nn.Module):
 # `Block.decode` composes these (and torch.compile may fuse each into a few kernels); they compute what
 # MLA.forward(absorb=True) computes for T = 1, with the first projections fused and the mask as a bias.
 
-def decode_query_and_latent(x: torch.Tensor, norm: torch.Tensor, norm_eps: float, cos: torch.Tensor, sin: torch.Tensor,
-                            *, w_down: torch.Tensor, b_down: torch.Tensor | None, q_norm: torch.Tensor | None,
+def decode_query_and_latent(x: torch.Tensor, norm: torch.Tensor, norm_eps: float, rope: torch.Tensor, *,
+                            w_down: torch.Tensor, b_down: torch.Tensor | None, q_norm: torch.Tensor | None,
                             q_norm_eps: float, w_q: torch.Tensor | None, kv_norm: torch.Tensor, kv_norm_eps: float,
                             w_uk: torch.Tensor, q_lora_rank: int, kv_lora_rank: int, n_heads: int, nope_dim: int,
-                            rope_dim: int, interleave: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, D] the block's input (before its norm); cos/sin [B, dr/2] at the new token's position.
-    Returns the query in latent space [B, H, r + dr] and the token's latent [B, r + dr] for the cache."""
+                            rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, D] the block's input (before its norm); rope [B, dr, dr] the new token's rotation
+    (`rope_matrices`, the checkpoint's rope layout included). Returns the query in latent space [B, H, r + dr]
+    and the token's latent [B, r + dr] for the cache."""
     B = x.shape[0]
     down = F.linear(rms_norm(x, norm, norm_eps), w_down, b_down)
     q_in, kv, k_pe = down.split([down.shape[-1] - kv_lora_rank - rope_dim, kv_lora_rank, rope_dim], dim=-1)
     q = q_in if q_lora_rank == 0 else F.linear(rms_norm(q_in, q_norm, q_norm_eps), w_q)
     q_nope, q_pe = q.view(B, n_heads, nope_dim + rope_dim).split([nope_dim, rope_dim], dim=-1)
     q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]: W_UK folded in
-    q_full = torch.cat([q_latent, apply_rope(q_pe, cos[:, None], sin[:, None], interleave)], dim=-1)
-    latent = torch.cat([rms_norm(kv, kv_norm, kv_norm_eps), apply_rope(k_pe, cos, sin, interleave)], dim=-1)
+    q_full = torch.cat([q_latent, torch.bmm(q_pe, rope)], dim=-1)
+    latent = torch.cat([rms_norm(kv, kv_norm, kv_norm_eps), torch.bmm(k_pe[:, None], rope)[:, 0]], dim=-1)
     return q_full, latent
 
 

@@ -69,3 +69,19 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     else:
         x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_matrices(cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The rotation of `apply_rope` as one matrix per token: cos/sin [N, dr/2] -> R [N, dr, dr] with
+    apply_rope(x) == x @ R for x [N, ..., dr] (batched matmul). The decode step builds R once and rotates
+    each layer's query and key with one matmul each, instead of a dozen small elementwise ops."""
+    N, half = cos.shape
+    first = torch.arange(0, 2 * half, 2) if interleaved else torch.arange(half)  # where x1 sits in x
+    second = first + 1 if interleaved else first + half
+    out = torch.arange(half)
+    R = cos.new_zeros(N, 2 * half, 2 * half)
+    R[:, first, out] = cos  # out1 = x1 cos - x2 sin
+    R[:, second, out] = -sin
+    R[:, second, out + half] = cos  # out2 = x2 cos + x1 sin
+    R[:, first, out + half] = sin
+    return R

@@ -16,7 +16,7 @@ from .cache import CacheView
 from .config import ModelConfig
 from .moe import MLP, MoE, swiglu
 from .norm import RMSNorm
-from .rope import RotaryTable
+from .rope import RotaryTable, rope_matrices
 
 
 class Block(nn.Module):
@@ -38,15 +38,14 @@ class Block(nn.Module):
             return h + self.mlp(self.post_attention_layernorm(h), routing)
         return h + self.mlp(self.post_attention_layernorm(h))
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bias: torch.Tensor,
-               cache: CacheView) -> torch.Tensor:
+    def decode(self, x: torch.Tensor, rope: torch.Tensor, bias: torch.Tensor, cache: CacheView) -> torch.Tensor:
         """One new token per sequence, what `forward` with T = 1 and absorb computes, in fewer ops (on a CPU
         a decode step's small ops cost more than its matmuls): x [B, D] -> [B, D].
-        cos/sin [B, dr/2]; bias [B, S] (0 where the token may attend, -inf where not)."""
+        rope [B, dr, dr] (`rope_matrices`); bias [B, S] (0 where the token may attend, -inf where not)."""
         attn, mlp = self.self_attn, self.mlp
         args = attn.decode_args()
         norm, post_norm = self.input_layernorm, self.post_attention_layernorm
-        q, latent = decode_query_and_latent(x, norm.weight, norm.eps, cos, sin, **args["project"])
+        q, latent = decode_query_and_latent(x, norm.weight, norm.eps, rope, **args["project"])
         cache.write(attn.layer_idx, latent[:, None])
         h, hn = decode_attend(q, cache.read(attn.layer_idx), bias, x, post_norm.weight, post_norm.eps, **args["attend"])
         if isinstance(mlp, MoE):
@@ -79,8 +78,9 @@ class Decoder(nn.Module):
             bias = torch.zeros(mask.shape[0], mask.shape[2], dtype=torch.float32, device=h.device)
             bias.masked_fill_(~mask[:, 0], float("-inf"))
             x = h[:, 0]
+            rope = rope_matrices(cos[:, 0], sin[:, 0], self.rotary.interleaved).to(x.dtype)
             for layer in self.layers:
-                x = layer.decode(x, cos[:, 0], sin[:, 0], bias, cache)
+                x = layer.decode(x, rope, bias, cache)
             return x[:, None]
         moe_index = 0
         for layer in self.layers:

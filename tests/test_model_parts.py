@@ -226,3 +226,15 @@ def test_padded_expert_path_for_decode_batches_equals_the_per_expert_loop():
         padded = experts(x, w, ids)  # no grad and few tokens: the padded path
     looped = experts(x, w, ids)  # grad enabled: the per-expert loop
     torch.testing.assert_close(padded, looped.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_as_a_matrix_equals_the_elementwise_rotation(interleaved):
+    from model.rope import apply_rope, rope_matrices
+
+    g = torch.Generator().manual_seed(0)
+    angles = torch.rand(5, 8, generator=g) * 6.3
+    cos, sin = angles.cos(), angles.sin()
+    x = torch.randn(5, 3, 16, generator=g)  # [N, heads, dr]
+    expected = apply_rope(x[:, None], cos[:, None], sin[:, None], interleaved)[:, 0]
+    torch.testing.assert_close(torch.bmm(x, rope_matrices(cos, sin, interleaved)), expected, atol=1e-6, rtol=0)
