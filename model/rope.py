@@ -76,9 +76,9 @@ def rope_matrices(cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> to
     apply_rope(x) == x @ R for x [N, ..., dr] (batched matmul). The decode step builds R once and rotates
     each layer's query and key with one matmul each, instead of a dozen small elementwise ops."""
     N, half = cos.shape
-    first = torch.arange(0, 2 * half, 2) if interleaved else torch.arange(half)  # where x1 sits in x
-    second = first + 1 if interleaved else first + half
-    out = torch.arange(half)
+    out = torch.arange(half, device=cos.device)
+    first = 2 * out if interleaved else out  # where x1 sits in x
+    second = first + 1 if interleaved else out + half
     R = cos.new_zeros(N, 2 * half, 2 * half)
     R[:, first, out] = cos  # out1 = x1 cos - x2 sin
     R[:, second, out] = -sin
