@@ -95,6 +95,10 @@ class MLA(nn.Module):
             self._absorbed = (version, wkv_b[:, : self.nope_dim].contiguous(), wkv_b[:, self.nope_dim:].contiguous())
         return self._absorbed[1], self._absorbed[2]
 
+    def forget_derived_weights(self) -> None:
+        """Drop the weights derived from this layer's parameters (see CausalLM.forget_derived_weights)."""
+        self._absorbed = self._down = None
+
     def down_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The decode step's first projection: query input (q_a_proj, or q_proj without q LoRA) and
         kv_a_proj_with_mqa stacked into one weight [q_out + r + dr, D] (and bias), re-made per weight version."""

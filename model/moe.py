@@ -29,6 +29,9 @@ class MLP(nn.Module):
         # Inference (rollouts): one matmul for gate and up, over a fused copy made once per weight version.
         return swiglu(x, self.gate_up_weight(), self.down_proj.weight)
 
+    def forget_derived_weights(self) -> None:
+        self._fused = None
+
     def gate_up_weight(self) -> torch.Tensor:
         """[2I, D]: gate_proj's rows, then up_proj's."""
         g, u = self.gate_proj.weight, self.up_proj.weight

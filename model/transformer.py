@@ -202,6 +202,15 @@ class CausalLM(nn.Module):
                 losses.append((ce * m).sum() / m.sum().clamp(min=1))
         return torch.stack(losses).mean()
 
+    def forget_derived_weights(self) -> None:
+        """Drop the inference-time weights derived from the parameters (MLA's absorbed and stacked
+        projections, the MLPs' stacked gate and up). They are re-derived on next use. They are also re-derived
+        when a parameter's version counter moves, but not every in-place update moves it: PyTorch's fused
+        AdamW kernel does not. So the rollout engine calls this at the start of every generate."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "forget_derived_weights"):
+                m.forget_derived_weights()
+
     # ----- MoE balancing ----------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

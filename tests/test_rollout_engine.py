@@ -209,12 +209,16 @@ def test_a_request_that_can_never_fit_is_refused(model):
         Engine(model, block_size=4, num_blocks=400).generate([[1, 2, 3]], SamplingParams(max_tokens=300))
 
 
-def test_next_generate_sees_the_optimizer_step_without_a_copy():
+@pytest.mark.parametrize("optimizer", ["sgd", "fused_adamw"])
+def test_next_generate_sees_the_optimizer_step_without_a_copy(optimizer):
+    """Also after fused AdamW, whose kernel updates the weights in place without moving their version
+    counters (so a cache keyed on versions alone would keep the old absorbed weights)."""
     model = sharp_model(seed=3)
     engine = Engine(model, block_size=4, num_blocks=64)
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     before = engine.generate(PROMPTS, sp)
-    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5) if optimizer == "sgd" else \
+        torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
     loss = model(torch.tensor([PROMPTS[1]])).logsumexp(-1).mean()
     loss.backward()
     opt.step()

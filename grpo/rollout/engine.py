@@ -3,8 +3,8 @@
 A prompt with n samples is prefilled once and its n sequences share the prompt's blocks; identical
 prompts in one call share them too. Every step decodes all running sequences together; finished ones
 free their blocks and waiting ones are admitted at once. The engine holds the trainer's model object
-itself, so an optimizer step is seen by the next `generate` with no copy (the absorbed MLA weights are
-re-derived when their version changes)."""
+itself, so an optimizer step is seen by the next `generate` with no copy (the weights derived from it, such
+as MLA's absorbed projections, are re-derived at the start of each call)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,7 @@ class Engine:
 
         self.block_manager = BlockManager(self.num_blocks, self.block_size)
         self.runner.reset()
+        self.model.forget_derived_weights()  # the trainer may have stepped the weights since the last call
         scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_prefill_tokens)
         groups: dict[tuple[int, ...], Sequence] = {}
         for i, (p, sp) in enumerate(zip(prompts, params_list)):
