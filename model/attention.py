@@ -150,8 +150,8 @@ class MLA(nn.Module):
 
 
 # ----- the decode step: one new token per sequence, as pure functions of tensors ---------------------------
-# `Block.decode` composes these (and torch.compile may fuse each into a few kernels); they compute what
-# MLA.forward(absorb=True) computes for T = 1, with the first projections fused and the mask as a bias.
+# `Block.decode` composes these. They compute what MLA.forward(absorb=True) computes for T = 1, with the first
+# projections stacked, RoPE as a matrix and the mask as a bias: fewer small ops, which dominate a CPU decode step.
 
 def decode_query_and_latent(x: torch.Tensor, norm: torch.Tensor, norm_eps: float, rope: torch.Tensor, *,
                             w_down: torch.Tensor, b_down: torch.Tensor | None, q_norm: torch.Tensor | None,

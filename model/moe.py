@@ -73,38 +73,25 @@ class Gate(nn.Module):
         still come from this gate's scores, so the gate keeps its gradient); rows of -1 choose as usual."""
         with torch.autocast(x.device.type, enabled=False):  # routing decisions stay in float32
             logits = F.linear(x.float(), self.weight.float())
-        weights, expert_ids, scores = route(
-            logits, self.e_score_correction_bias, forced_ids, scoring_func=self.scoring_func,
-            topk_method=self.topk_method, n_group=self.n_group, topk_group=self.topk_group, top_k=self.top_k,
-            norm_topk_prob=self.norm_topk_prob, route_scale=self.route_scale)
-        return weights.to(x.dtype), expert_ids, scores
-
-
-def route(logits: torch.Tensor, bias: torch.Tensor | None, forced_ids: torch.Tensor | None, *, scoring_func: str,
-          topk_method: str, n_group: int, topk_group: int, top_k: int, norm_topk_prob: bool, route_scale: float
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gate's decision from its float32 logits [N, E]: weights [N, K] (float32), expert ids [N, K] and
-    scores [N, E]. See `Gate.forward` for forced_ids."""
-    n_experts = logits.shape[-1]
-    scores = logits.sigmoid() if scoring_func == "sigmoid" else logits.softmax(dim=-1)
-    choice = scores if bias is None else scores + bias
-    if topk_method != "greedy" and n_group > 1:
-        grouped = choice.view(-1, n_group, n_experts // n_group)
-        if topk_method == "noaux_tc":
-            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of each group's top two
-        else:
-            group_scores = grouped.amax(dim=-1)  # V2: each group's best expert
-        top_groups = group_scores.topk(topk_group, dim=-1).indices
-        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
-        fill = float("-inf") if topk_method == "noaux_tc" else 0.0
-        choice = grouped.masked_fill(~keep.unsqueeze(-1), fill).view(-1, n_experts)
-    expert_ids = choice.topk(top_k, dim=-1).indices
-    if forced_ids is not None:
-        expert_ids = torch.where(forced_ids[:, :1] >= 0, forced_ids.long(), expert_ids)
-    weights = scores.gather(1, expert_ids)  # the bias picks experts; the unbiased scores weigh them
-    if norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-    return weights * route_scale, expert_ids, scores
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.topk_method != "greedy" and self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # V3: sum of each group's top two
+            else:
+                group_scores = grouped.amax(dim=-1)  # V2: each group's best expert
+            top_groups = group_scores.topk(self.topk_group, dim=-1).indices
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
+            fill = float("-inf") if self.topk_method == "noaux_tc" else 0.0
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), fill).view(-1, self.n_experts)
+        expert_ids = choice.topk(self.top_k, dim=-1).indices
+        if forced_ids is not None:
+            expert_ids = torch.where(forced_ids[:, :1] >= 0, forced_ids.long(), expert_ids)
+        weights = scores.gather(1, expert_ids)  # the bias picks experts; the unbiased scores weigh them
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights * self.route_scale).to(x.dtype), expert_ids, scores
 
 
 class Experts(nn.Module):
@@ -199,17 +186,6 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
-
-    def decode_routed(self, x: torch.Tensor) -> torch.Tensor:
-        """The decode step's routed experts: x [B, D] -> their weighted output [B, D] (the shared experts are
-        the caller's)."""
-        weights, expert_ids, _ = self.gate(x)
-        if self.record_routing:
-            self.last_expert_ids = expert_ids[:, None]  # [B, 1, K]
-        if self.track_load:
-            self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.n_experts).to(self.expert_load)
-        self.aux_loss = None
-        return self.experts(x, weights, expert_ids)
 
     def _sequence_balance_loss(self, scores: torch.Tensor, expert_ids: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """V3's complementary sequence-wise balance loss: alpha * sum_i f_i * P_i, averaged over sequences."""

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import MLA, decode_attend, decode_query_and_latent
 from .cache import CacheView
 from .config import ModelConfig
-from .moe import MLP, MoE, swiglu
+from .moe import MLP, MoE
 from .norm import RMSNorm
 from .rope import RotaryTable, rope_matrices
 
@@ -42,16 +42,13 @@ class Block(nn.Module):
         """One new token per sequence, what `forward` with T = 1 and absorb computes, in fewer ops (on a CPU
         a decode step's small ops cost more than its matmuls): x [B, D] -> [B, D].
         rope [B, dr, dr] (`rope_matrices`); bias [B, S] (0 where the token may attend, -inf where not)."""
-        attn, mlp = self.self_attn, self.mlp
+        attn = self.self_attn
         args = attn.decode_args()
         norm, post_norm = self.input_layernorm, self.post_attention_layernorm
         q, latent = decode_query_and_latent(x, norm.weight, norm.eps, rope, **args["project"])
         cache.write(attn.layer_idx, latent[:, None])
         h, hn = decode_attend(q, cache.read(attn.layer_idx), bias, x, post_norm.weight, post_norm.eps, **args["attend"])
-        if isinstance(mlp, MoE):
-            h = h + mlp.decode_routed(hn)
-            mlp = mlp.shared_experts
-        return h if mlp is None else h + swiglu(hn, mlp.gate_up_weight(), mlp.down_proj.weight)
+        return h + self.mlp(hn[:, None])[:, 0]
 
 
 class Decoder(nn.Module):
