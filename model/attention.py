@@ -14,7 +14,7 @@ from torch import nn
 
 from .cache import CacheView
 from .config import ModelConfig
-from .norm import RMSNorm, rms_norm
+from .norm import RMSNorm
 from .rope import apply_rope
 
 
@@ -112,19 +112,33 @@ class MLA(nn.Module):
             self._down = (version, torch.cat(parts).detach(), bias)
         return self._down[1], self._down[2]
 
-    def decode_args(self) -> dict:
-        """The tensors and sizes `decode_query_and_latent` and `decode_attend` take from this layer."""
+    def decode_query_and_latent(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step's projections (one new token per sequence), in fewer ops than `forward`: the first
+        projections stacked, W_UK folded into the query, RoPE as a matrix. x [B, D] (normalized);
+        rope [B, dr, dr] (`rope_matrices`, the checkpoint's rope layout included).
+        Returns the query in latent space [B, H, r + dr] and the token's latent [B, r + dr] for the cache."""
+        B = x.shape[0]
         w_down, b_down = self.down_weights()
-        w_uk, w_uv = self.absorbed_weights()
-        q_lora = self.q_lora_rank is not None
-        return dict(
-            project=dict(w_down=w_down, b_down=b_down, q_norm=self.q_a_layernorm.weight if q_lora else None,
-                         q_norm_eps=self.q_a_layernorm.eps if q_lora else 0.0, w_q=self.q_b_proj.weight if q_lora else None,
-                         kv_norm=self.kv_a_layernorm.weight, kv_norm_eps=self.kv_a_layernorm.eps, w_uk=w_uk,
-                         q_lora_rank=self.q_lora_rank or 0, kv_lora_rank=self.kv_lora_rank, n_heads=self.n_heads,
-                         nope_dim=self.nope_dim, rope_dim=self.rope_dim),
-            attend=dict(w_uv=w_uv, w_o=self.o_proj.weight, b_o=self.o_proj.bias, scale=self.softmax_scale,
-                        kv_lora_rank=self.kv_lora_rank))
+        w_uk, _ = self.absorbed_weights()
+        q_in, kv, k_pe = F.linear(x, w_down, b_down).split(
+            [w_down.shape[0] - self.kv_lora_rank - self.rope_dim, self.kv_lora_rank, self.rope_dim], dim=-1)
+        q = q_in if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_in))
+        q_nope, q_pe = q.view(B, self.n_heads, self.qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]
+        q_full = torch.cat([q_latent, torch.bmm(q_pe, rope)], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(kv), torch.bmm(k_pe[:, None], rope)[:, 0]], dim=-1)
+        return q_full, latent
+
+    def decode_attend(self, q: torch.Tensor, context: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """The decode step's attention over the latent context and output projection, W_UV folded in.
+        q [B, H, r + dr]; context [B, S, r + dr]; bias [B, S] (0, or -inf for keys to skip) -> [B, D]."""
+        B = q.shape[0]
+        _, w_uv = self.absorbed_weights()
+        scores = torch.baddbmm(bias[:, None, :].to(q.dtype), q, context.transpose(1, 2), alpha=self.softmax_scale)
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # [B, H, S]
+        out_latent = torch.bmm(probs, context[..., : self.kv_lora_rank])  # [B, H, r]
+        out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, dv]
+        return self.o_proj(out.reshape(B, -1))
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor:
@@ -148,40 +162,3 @@ class MLA(nn.Module):
         out_latent = torch.bmm(probs, latent[..., : self.kv_lora_rank]).view(B, T, H, self.kv_lora_rank)
         return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
 
-
-# ----- the decode step: one new token per sequence, as pure functions of tensors ---------------------------
-# `Block.decode` composes these. They compute what MLA.forward(absorb=True) computes for T = 1, with the first
-# projections stacked, RoPE as a matrix and the mask as a bias: fewer small ops, which dominate a CPU decode step.
-
-def decode_query_and_latent(x: torch.Tensor, norm: torch.Tensor, norm_eps: float, rope: torch.Tensor, *,
-                            w_down: torch.Tensor, b_down: torch.Tensor | None, q_norm: torch.Tensor | None,
-                            q_norm_eps: float, w_q: torch.Tensor | None, kv_norm: torch.Tensor, kv_norm_eps: float,
-                            w_uk: torch.Tensor, q_lora_rank: int, kv_lora_rank: int, n_heads: int, nope_dim: int,
-                            rope_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [B, D] the block's input (before its norm); rope [B, dr, dr] the new token's rotation
-    (`rope_matrices`, the checkpoint's rope layout included). Returns the query in latent space [B, H, r + dr]
-    and the token's latent [B, r + dr] for the cache."""
-    B = x.shape[0]
-    down = F.linear(rms_norm(x, norm, norm_eps), w_down, b_down)
-    q_in, kv, k_pe = down.split([down.shape[-1] - kv_lora_rank - rope_dim, kv_lora_rank, rope_dim], dim=-1)
-    q = q_in if q_lora_rank == 0 else F.linear(rms_norm(q_in, q_norm, q_norm_eps), w_q)
-    q_nope, q_pe = q.view(B, n_heads, nope_dim + rope_dim).split([nope_dim, rope_dim], dim=-1)
-    q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]: W_UK folded in
-    q_full = torch.cat([q_latent, torch.bmm(q_pe, rope)], dim=-1)
-    latent = torch.cat([rms_norm(kv, kv_norm, kv_norm_eps), torch.bmm(k_pe[:, None], rope)[:, 0]], dim=-1)
-    return q_full, latent
-
-
-def decode_attend(q: torch.Tensor, context: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor,
-                  post_norm: torch.Tensor, post_norm_eps: float, *, w_uv: torch.Tensor, w_o: torch.Tensor,
-                  b_o: torch.Tensor | None, scale: float, kv_lora_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention over the latent context, then the output projection, the residual and the next norm.
-    q [B, H, r + dr]; context [B, S, r + dr]; bias [B, S] (0, or -inf for keys to skip); residual [B, D].
-    Returns h = residual + attention [B, D] and the post-attention norm of h [B, D]."""
-    B = q.shape[0]
-    scores = torch.baddbmm(bias[:, None, :].to(q.dtype), q, context.transpose(1, 2), alpha=scale)  # [B, H, S]
-    probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-    out_latent = torch.bmm(probs, context[..., :kv_lora_rank])  # [B, H, r]
-    out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, dv]: W_UV
-    h = residual + F.linear(out.reshape(B, -1), w_o, b_o)
-    return h, rms_norm(h, post_norm, post_norm_eps)

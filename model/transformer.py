@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import MLA, decode_attend, decode_query_and_latent
+from .attention import MLA
 from .cache import CacheView
 from .config import ModelConfig
 from .moe import MLP, MoE
@@ -43,12 +43,10 @@ class Block(nn.Module):
         a decode step's small ops cost more than its matmuls): x [B, D] -> [B, D].
         rope [B, dr, dr] (`rope_matrices`); bias [B, S] (0 where the token may attend, -inf where not)."""
         attn = self.self_attn
-        args = attn.decode_args()
-        norm, post_norm = self.input_layernorm, self.post_attention_layernorm
-        q, latent = decode_query_and_latent(x, norm.weight, norm.eps, rope, **args["project"])
+        q, latent = attn.decode_query_and_latent(self.input_layernorm(x), rope)
         cache.write(attn.layer_idx, latent[:, None])
-        h, hn = decode_attend(q, cache.read(attn.layer_idx), bias, x, post_norm.weight, post_norm.eps, **args["attend"])
-        return h + self.mlp(hn[:, None])[:, 0]
+        h = x + attn.decode_attend(q, cache.read(attn.layer_idx), bias)
+        return h + self.mlp(self.post_attention_layernorm(h)[:, None])[:, 0]
 
 
 class Decoder(nn.Module):
