@@ -66,6 +66,9 @@ class RolloutSection:
     cache_memory_mb: int = 256
     block_size: int = 16
     max_num_seqs: int = 256
+    # Our engine: run decode steps through graphs compiled ahead of time (needs a C++ compiler; the first
+    # run of a model shape compiles for tens of seconds, then the packages are cached on disk).
+    compile: bool = False
 
 
 @dataclass

@@ -77,7 +77,8 @@ def build_engine(recipe: Recipe, model: CausalLM, tokenizer, rank: int = 0):
     from .rollout.engine import Engine
 
     return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
-                  max_num_seqs=r.max_num_seqs, seed=recipe.seed, record_routing=recipe.algorithm.routing_replay)
+                  max_num_seqs=r.max_num_seqs, seed=recipe.seed, record_routing=recipe.algorithm.routing_replay,
+                  compile=r.compile)
 
 
 def adamw(params, lr: float, betas, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:

@@ -8,13 +8,15 @@ a decoupled RoPE key shared by all heads. Two ways to attend, chosen per call:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .cache import CacheView
 from .config import ModelConfig
-from .norm import RMSNorm
+from .norm import RMSNorm, rms_norm
 from .rope import apply_rope
 
 
@@ -40,6 +42,9 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)  # W_UK, W_UV
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=bias)
+        self.decode = LatentDecode(self.n_heads, self.nope_dim, self.rope_dim, self.kv_lora_rank, self.softmax_scale,
+                                   None if cfg.q_lora_rank is None else self.q_a_layernorm.eps,
+                                   self.kv_a_layernorm.eps)
         self._absorbed: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
         self._down: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
 
@@ -112,33 +117,25 @@ class MLA(nn.Module):
             self._down = (version, torch.cat(parts).detach(), bias)
         return self._down[1], self._down[2]
 
-    def decode_query_and_latent(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode step's projections (one new token per sequence), in fewer ops than `forward`: the first
-        projections stacked, W_UK folded into the query, RoPE as a matrix. x [B, D] (normalized);
-        rope [B, dr, dr] (`rope_matrices`, the checkpoint's rope layout included).
-        Returns the query in latent space [B, H, r + dr] and the token's latent [B, r + dr] for the cache."""
-        B = x.shape[0]
+    def decode_weights(self) -> tuple[tuple[torch.Tensor | None, ...], tuple[torch.Tensor | None, ...]]:
+        """The tensors `LatentDecode.query_and_latent` and `LatentDecode.attend` take, in their order (the
+        derived ones cached per weight version)."""
         w_down, b_down = self.down_weights()
-        w_uk, _ = self.absorbed_weights()
-        q_in, kv, k_pe = F.linear(x, w_down, b_down).split(
-            [w_down.shape[0] - self.kv_lora_rank - self.rope_dim, self.kv_lora_rank, self.rope_dim], dim=-1)
-        q = q_in if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(q_in))
-        q_nope, q_pe = q.view(B, self.n_heads, self.qk_dim).split([self.nope_dim, self.rope_dim], dim=-1)
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]
-        q_full = torch.cat([q_latent, torch.bmm(q_pe, rope)], dim=-1)
-        latent = torch.cat([self.kv_a_layernorm(kv), torch.bmm(k_pe[:, None], rope)[:, 0]], dim=-1)
-        return q_full, latent
+        w_uk, w_uv = self.absorbed_weights()
+        if self.q_lora_rank is None:
+            q_norm, w_q = None, None
+        else:
+            q_norm, w_q = self.q_a_layernorm.weight, self.q_b_proj.weight
+        return ((w_down, b_down, q_norm, w_q, w_uk, self.kv_a_layernorm.weight),
+                (w_uv, self.o_proj.weight, self.o_proj.bias))
+
+    def decode_query_and_latent(self, x: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """See `LatentDecode.query_and_latent`; x [B, D] normalized."""
+        return self.decode.query_and_latent(x, *self.decode_weights()[0], rope)
 
     def decode_attend(self, q: torch.Tensor, context: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """The decode step's attention over the latent context and output projection, W_UV folded in.
-        q [B, H, r + dr]; context [B, S, r + dr]; bias [B, S] (0, or -inf for keys to skip) -> [B, D]."""
-        B = q.shape[0]
-        _, w_uv = self.absorbed_weights()
-        scores = torch.baddbmm(bias[:, None, :].to(q.dtype), q, context.transpose(1, 2), alpha=self.softmax_scale)
-        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # [B, H, S]
-        out_latent = torch.bmm(probs, context[..., : self.kv_lora_rank])  # [B, H, r]
-        out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, dv]
-        return self.o_proj(out.reshape(B, -1))
+        """See `LatentDecode.attend`."""
+        return self.decode.attend(q, context, bias, *self.decode_weights()[1])
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor:
@@ -162,3 +159,51 @@ class MLA(nn.Module):
         out_latent = torch.bmm(probs, latent[..., : self.kv_lora_rank]).view(B, T, H, self.kv_lora_rank)
         return torch.einsum("bthr,hvr->bthv", out_latent, w_uv)
 
+
+
+@dataclass(frozen=True)
+class LatentDecode:
+    """MLA's decode step (one new token per sequence, weight-absorbed, over the latent cache) as pure
+    functions of tensors, in fewer ops than `MLA.forward`: the first projections stacked into one matmul,
+    W_UK folded into the query and W_UV into the output, RoPE as one matrix per token, the mask as a bias.
+    `MLA` runs them eagerly with its own weights; `model.compiled` compiles them ahead of time, with the
+    weights as inputs, so that one compiled graph serves every layer."""
+
+    n_heads: int
+    nope_dim: int
+    rope_dim: int
+    kv_lora_rank: int
+    softmax_scale: float
+    q_norm_eps: float | None  # None: no query LoRA (w_down starts with q_proj's rows)
+    kv_norm_eps: float
+
+    def query_and_latent(self, x: torch.Tensor, w_down: torch.Tensor, b_down: torch.Tensor | None,
+                         q_norm: torch.Tensor | None, w_q: torch.Tensor | None, w_uk: torch.Tensor,
+                         kv_norm: torch.Tensor, rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, D] (normalized); w_down [q_in + r + dr, D] (`MLA.down_weights`); q_norm [q_in], w_q
+        [H * (dn + dr), q_in] (the query LoRA's norm and up-projection); w_uk [H, dn, r]; kv_norm [r];
+        rope [B, dr, dr] (`rope_matrices`). Returns the query in latent space [B, H, r + dr] and the token's
+        latent [B, r + dr] for the cache."""
+        B, r, dr = x.shape[0], self.kv_lora_rank, self.rope_dim
+        q_in, kv, k_pe = F.linear(x, w_down, b_down).split([w_down.shape[0] - r - dr, r, dr], dim=-1)
+        if self.q_norm_eps is None:
+            q = q_in
+        else:
+            q = F.linear(rms_norm(q_in, q_norm, self.q_norm_eps), w_q)
+        q_nope, q_pe = q.view(B, self.n_heads, self.nope_dim + dr).split([self.nope_dim, dr], dim=-1)
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]
+        q_full = torch.cat([q_latent, torch.bmm(q_pe, rope)], dim=-1)
+        latent = torch.cat([rms_norm(kv, kv_norm, self.kv_norm_eps),
+                            torch.bmm(k_pe[:, None], rope)[:, 0]], dim=-1)
+        return q_full, latent
+
+    def attend(self, q: torch.Tensor, context: torch.Tensor, bias: torch.Tensor, w_uv: torch.Tensor,
+               w_o: torch.Tensor, b_o: torch.Tensor | None) -> torch.Tensor:
+        """Attention over the latent context and the output projection: q [B, H, r + dr]; context
+        [B, S, r + dr]; bias [B, S] (0, or -inf for keys to skip); w_uv [H, dv, r]; w_o [D, H * dv] -> [B, D]."""
+        B = q.shape[0]
+        scores = torch.baddbmm(bias[:, None, :].to(q.dtype), q, context.transpose(1, 2), alpha=self.softmax_scale)
+        probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # [B, H, S]
+        out_latent = torch.bmm(probs, context[..., : self.kv_lora_rank])  # [B, H, r]
+        out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, dv]
+        return F.linear(out.reshape(B, -1), w_o, b_o)

@@ -84,6 +84,11 @@ class CacheView:
         # index_select copies whole rows: several times faster than advanced indexing here.
         return self.cache.data[layer].index_select(0, self.context_slots.reshape(-1)).view(B, S, -1)
 
+    def read_buffer(self, layer: int) -> torch.Tensor:
+        """-> a contiguous [B, C, r + dr] (C >= S) whose first S positions are `read(layer)`: what a compiled
+        decode step takes, since its graph slices the context itself."""
+        return self.read(layer)
+
 
 @dataclass
 class StagedCacheView(CacheView):
@@ -124,6 +129,9 @@ class StagedCacheView(CacheView):
 
     def read(self, layer: int) -> torch.Tensor:
         return self.staging[layer, :, : self.length]
+
+    def read_buffer(self, layer: int) -> torch.Tensor:
+        return self.staging[layer]
 
 
 def contiguous_view(cache: LatentCache, positions: torch.Tensor, max_len: int) -> CacheView:

@@ -4,6 +4,8 @@ Routed experts are stacked in two tensors and run on the tokens routed to them, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,61 +22,53 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, inter_dim, bias=False)
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
-        self._fused: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._derived: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D]."""
         if torch.is_grad_enabled():
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        # Inference (rollouts): one matmul for gate and up, over a fused copy made once per weight version.
-        return swiglu(x, self.gate_up_weight(), self.down_proj.weight)
+        # Inference (rollouts): one matmul for gate and up, over weights derived once per weight version.
+        return swiglu(x, *self.decode_weights())
 
     def forget_derived_weights(self) -> None:
-        self._fused = None
+        self._derived = None
 
-    def gate_up_weight(self) -> torch.Tensor:
-        """[2I, D]: gate_proj's rows, then up_proj's."""
-        g, u = self.gate_proj.weight, self.up_proj.weight
-        key = (g.data_ptr(), g._version, u.data_ptr(), u._version)
-        if self._fused is None or self._fused[0] != key:
-            self._fused = (key, torch.cat([g, u]).detach())
-        return self._fused[1]
+    def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference copies, laid out [in, out] (MKL multiplies a few rows by a [K, N] matrix up to a quarter
+        faster than by a transposed [N, K] one): gate_up [D, 2I] (gate's columns, then up's), down [I, D]."""
+        g, u, d = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        key = tuple(v for w in (g, u, d) for v in (w.data_ptr(), w._version))
+        if self._derived is None or self._derived[0] != key:
+            self._derived = (key, torch.cat([g, u]).t().contiguous().detach(), d.t().contiguous().detach())
+        return self._derived[1], self._derived[2]
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """x [..., D], gate_up [2I, D] (gate's rows, then up's), down [D, I] -> down(silu(gate x) * up x) [..., D]."""
-    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
-    return F.linear(F.silu(gate) * up, down)
+    """x [..., D], gate_up [D, 2I] (gate's columns, then up's), down [I, D] -> down(silu(gate x) * up x) [..., D]."""
+    gate, up = (x @ gate_up).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ down
 
 
-class Gate(nn.Module):
-    """Chooses K of E experts per token and their weights."""
+@dataclass(frozen=True)
+class Routing:
+    """The gate's choice, a pure function of the router logits (V2's softmax gate, greedy or group-limited;
+    V3's sigmoid gate, group-limited, with the aux-loss-free correction bias)."""
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        assert cfg.n_routed_experts is not None
-        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
-        self.scoring_func, self.topk_method = cfg.scoring_func, cfg.topk_method
-        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
-        self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
-        if self.topk_method == "noaux_tc":
-            # Aux-loss-free balancing: a per-expert offset that only affects which experts are chosen.
-            # A buffer, not a parameter: it moves by the sign of the load error, never by gradients.
-            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
-        else:
-            self.e_score_correction_bias = None
+    n_experts: int
+    top_k: int
+    scoring_func: str
+    topk_method: str
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    route_scale: float
 
-    def forward(self, x: torch.Tensor, forced_ids: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, D] -> weights [N, K] (x.dtype), expert ids [N, K], scores [N, E] (float32).
-
-        forced_ids [N, K]: routing replay; rows >= 0 use these experts instead of choosing (their weights
-        still come from this gate's scores, so the gate keeps its gradient); rows of -1 choose as usual."""
-        with torch.autocast(x.device.type, enabled=False):  # routing decisions stay in float32
-            logits = F.linear(x.float(), self.weight.float())
+    def __call__(self, logits: torch.Tensor, correction_bias: torch.Tensor | None,
+                 forced_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """logits [N, E] (float32) -> weights [N, K], expert ids [N, K], scores [N, E]; see `Gate.forward`."""
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
-        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        choice = scores if correction_bias is None else scores + correction_bias
         if self.topk_method != "greedy" and self.n_group > 1:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
             if self.topk_method == "noaux_tc":
@@ -91,7 +85,66 @@ class Gate(nn.Module):
         weights = scores.gather(1, expert_ids)  # the bias picks experts; the unbiased scores weigh them
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return (weights * self.route_scale).to(x.dtype), expert_ids, scores
+        return weights * self.route_scale, expert_ids, scores
+
+
+class Gate(nn.Module):
+    """Chooses K of E experts per token and their weights."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        assert cfg.n_routed_experts is not None
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.routing = Routing(self.n_experts, self.top_k, cfg.scoring_func, cfg.topk_method, cfg.n_group,
+                               cfg.topk_group, cfg.norm_topk_prob, cfg.routed_scaling_factor)
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        if cfg.topk_method == "noaux_tc":
+            # Aux-loss-free balancing: a per-expert offset that only affects which experts are chosen.
+            # A buffer, not a parameter: it moves by the sign of the load error, never by gradients.
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor, forced_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D] -> weights [N, K] (x.dtype), expert ids [N, K], scores [N, E] (float32).
+
+        forced_ids [N, K]: routing replay; rows >= 0 use these experts instead of choosing (their weights
+        still come from this gate's scores, so the gate keeps its gradient); rows of -1 choose as usual."""
+        with torch.autocast(x.device.type, enabled=False):  # routing decisions stay in float32
+            logits = F.linear(x.float(), self.weight.float())
+        weights, expert_ids, scores = self.routing(logits, self.e_score_correction_bias, forced_ids)
+        return weights.to(x.dtype), expert_ids, scores
+
+
+def sort_by_expert(expert_ids: torch.Tensor, n_experts: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """expert_ids [N, K] -> the (token, expert) pairs in expert order: flat_ids [N*K] (pair i's expert),
+    order [N*K] (the pairs sorted by expert, stable), token_of [N*K] (each sorted pair's token) and
+    counts [E] (pairs per expert)."""
+    flat_ids = expert_ids.flatten()
+    order = flat_ids.argsort(stable=True)
+    token_of = order // expert_ids.shape[1]
+    counts = flat_ids.new_zeros(n_experts).scatter_add_(0, flat_ids, torch.ones_like(flat_ids))  # a bincount
+    return flat_ids, order, token_of, counts
+
+
+def padded_experts(x: torch.Tensor, weights: torch.Tensor, flat_ids: torch.Tensor, order: torch.Tensor,
+                   token_of: torch.Tensor, counts: torch.Tensor, capacity: int, gate_up: torch.Tensor,
+                   down: torch.Tensor) -> torch.Tensor:
+    """Decode-sized batches, a few tokens per expert: every expert's tokens padded to `capacity` (the
+    largest count) and all experts run as two batched matmuls, instead of two small matmuls per expert.
+    x [N, D], weights [N, K], the rest from `sort_by_expert`; gate_up [E, D, 2I], down [E, I, D]
+    (`Experts.decode_weights`) -> [N, D]."""
+    E, D = gate_up.shape[0], x.shape[1]
+    sorted_ids = flat_ids[order]
+    rank = torch.arange(order.shape[0], device=x.device) - (counts.cumsum(0) - counts)[sorted_ids]
+    xs = x.new_zeros(E, capacity, D)
+    xs[sorted_ids, rank] = x[token_of]
+    gate, up = torch.bmm(xs, gate_up).chunk(2, dim=-1)
+    ys = torch.bmm(F.silu(gate) * up, down)[sorted_ids, rank]  # [N*K, D]
+    ys = ys * weights.flatten()[order].unsqueeze(1)
+    return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
 class Experts(nn.Module):
@@ -106,20 +159,15 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.small_batch = 16  # up to this many tokens per expert on average, inference uses padded bmm
+        self._derived: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/expert_ids [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x)  [N, D]."""
-        K = expert_ids.shape[1]
-        flat_ids = expert_ids.flatten()  # [N*K]
-        order = flat_ids.argsort(stable=True)
-        token_of = order // K  # the token of each (token, expert) pair, in expert order
-        expert_counts = torch.bincount(flat_ids, minlength=self.n_experts)  # on x's device, for the padded path
+        flat_ids, order, token_of, expert_counts = sort_by_expert(expert_ids, self.n_experts)
         counts = expert_counts.tolist()
-        # Padding every expert to the busiest one's count pays off only while the load is fairly even.
-        padded_rows = max(counts) * self.n_experts
-        if not torch.is_grad_enabled() and len(flat_ids) <= self.small_batch * self.n_experts \
-                and padded_rows <= 2 * len(flat_ids):
-            return self._forward_padded(x, weights, flat_ids, order, token_of, expert_counts)
+        if not torch.is_grad_enabled() and self.pads_well(counts):
+            return padded_experts(x, weights, flat_ids, order, token_of, expert_counts, max(counts),
+                                  *self.decode_weights())
         # split and unbind, not slicing and indexing: their backward writes each gradient once, instead
         # of scattering every expert's share into a fresh zero tensor of the full size.
         xs = x.index_select(0, token_of).split(counts)  # per expert: [n_e, D]
@@ -133,21 +181,24 @@ class Experts(nn.Module):
         ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(1)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
+    def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference copies for `padded_experts`, laid out [in, out] (a batched matmul of a few rows runs
+        about a quarter faster on them): gate_up [E, D, 2I], down [E, I, D]. A second copy of the experts'
+        weights while inference runs; re-derived when the weights change."""
+        gu, d = self.gate_up_proj, self.down_proj
+        key = (gu.data_ptr(), gu._version, d.data_ptr(), d._version)
+        if self._derived is None or self._derived[0] != key:
+            self._derived = (key, gu.detach().transpose(1, 2).contiguous(), d.detach().transpose(1, 2).contiguous())
+        return self._derived[1], self._derived[2]
 
-    def _forward_padded(self, x: torch.Tensor, weights: torch.Tensor, flat_ids: torch.Tensor, order: torch.Tensor,
-                        token_of: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Decode-sized batches: a few tokens per expert. Pads every expert's tokens to the largest count and
-        runs all experts as two batched matmuls, instead of two small matmuls per expert."""
-        E, D = self.n_experts, x.shape[1]
-        capacity = int(counts.max())
-        sorted_ids = flat_ids[order]
-        rank = torch.arange(len(order), device=x.device) - (counts.cumsum(0) - counts)[sorted_ids]
-        xs = x.new_zeros(E, capacity, D)
-        xs[sorted_ids, rank] = x[token_of]
-        gate, up = torch.bmm(xs, self.gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
-        ys = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))[sorted_ids, rank]  # [N*K, D]
-        ys = ys * weights.flatten()[order].unsqueeze(1)
-        return torch.zeros_like(x).index_add_(0, token_of, ys)
+    def forget_derived_weights(self) -> None:
+        self._derived = None
+
+    def pads_well(self, counts: list[int]) -> bool:
+        """Whether `padded_experts` suits this load (pairs per expert): few tokens per expert, and padding
+        every expert to the busiest one's count at most doubles the rows."""
+        pairs = sum(counts)
+        return pairs <= self.small_batch * self.n_experts and max(counts) * self.n_experts <= 2 * pairs
 
 
 class MoE(nn.Module):

@@ -105,9 +105,9 @@ def test_correction_bias_chooses_experts_but_does_not_weigh_them():
     assert (ids1 == 7).any(dim=1).all()
     k7 = (ids1 == 7).float().argmax(dim=1)
     raw = scores.gather(1, ids1)
-    expected = raw / raw.sum(-1, keepdim=True) * gate.route_scale
+    expected = raw / raw.sum(-1, keepdim=True) * gate.routing.route_scale
     torch.testing.assert_close(w1, expected)
-    assert w1.gather(1, k7[:, None]).max() < gate.route_scale  # weight from the unbiased score, not 100
+    assert w1.gather(1, k7[:, None]).max() < gate.routing.route_scale  # weight from the unbiased score, not 100
 
 
 def test_group_limited_routing_picks_only_from_the_best_groups():

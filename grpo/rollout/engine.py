@@ -32,12 +32,16 @@ class Engine:
     tokenizer: needed for stop strings and returned text; its eos_token_id ends sequences.
     record_routing: return each completion's expert choices (`Completion.routed_experts`), so that the
         trainer can replay them (routing replay: the training forward uses the experts that sampled).
+    compile: run decode steps through graphs compiled ahead of time (`CausalLM.compile_decode`).
     """
 
     def __init__(self, model: CausalLM, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  cache_memory_bytes: int = 256 * 1024**2, max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
-                 seed: int = 0, record_routing: bool = False):
+                 seed: int = 0, record_routing: bool = False, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
+        self.compile = compile
+        if compile and model.model.compiled_decode is None:
+            model.compile_decode(verbose=True)
         cfg = model.config
         bytes_per_block = cfg.num_hidden_layers * cfg.latent_dim * block_size * model.lm_head.weight.element_size()
         self.num_blocks = num_blocks or max(1, cache_memory_bytes // bytes_per_block)
@@ -56,6 +60,8 @@ class Engine:
         """The engine already runs the trainer's model in place; pass a different model object to swap."""
         if model is not None and model is not self.model:
             self.model = self.runner.model = model
+            if self.compile and model.model.compiled_decode is None:
+                model.compile_decode(verbose=True)
 
     # ----- the generate loop ----------------------------------------------------------------------------
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
