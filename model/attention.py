@@ -186,10 +186,7 @@ class LatentDecode:
         latent [B, r + dr] for the cache."""
         B, r, dr = x.shape[0], self.kv_lora_rank, self.rope_dim
         q_in, kv, k_pe = F.linear(x, w_down, b_down).split([w_down.shape[0] - r - dr, r, dr], dim=-1)
-        if self.q_norm_eps is None:
-            q = q_in
-        else:
-            q = F.linear(rms_norm(q_in, q_norm, self.q_norm_eps), w_q)
+        q = q_in if self.q_norm_eps is None else F.linear(rms_norm(q_in, q_norm, self.q_norm_eps), w_q)
         q_nope, q_pe = q.view(B, self.n_heads, self.nope_dim + dr).split([self.nope_dim, dr], dim=-1)
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]
         q_full = torch.cat([q_latent, torch.bmm(q_pe, rope)], dim=-1)

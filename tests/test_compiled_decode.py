@@ -67,8 +67,12 @@ def test_compiled_decode_matches_the_eager_step(name):
         eager_logits, eager_cache = decode_two_steps(m, batch)
         m.compile_decode()
         graphs, steps = m.model.compiled_decode, []
-        step = graphs.step
-        graphs.step = lambda *a: steps.append(1) or step(*a)
+
+        def counted_step(*args, step=graphs.step, steps=steps):
+            steps.append(1)
+            return step(*args)
+
+        graphs.step = counted_step
         try:
             compiled_logits, compiled_cache = decode_two_steps(m, batch)
         finally:
