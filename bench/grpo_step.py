@@ -7,6 +7,10 @@ warm-up step is reported, with where our step's time goes.
 
     python bench/grpo_step.py [--steps 6] [--threads 2]
 
+"ours" runs the trainer as a recipe starts by default; "ours-compiled" with `rollout.compile=true` (decode
+steps through graphs compiled ahead of time; the compile, once per model shape, happens before the first
+step and is not timed).
+
 Needs `trl` (pip install trl) and ../shared/peers for TRL's side; without them only ours runs.
 Last line: one JSON object; top-level figures are for the 32-token workload."""
 
@@ -33,7 +37,7 @@ def exact(prompts, completions, answer, **kw):
 '''
 
 
-def run_ours(ckpt: str, tokens: int, steps: int, workdir: str) -> dict:
+def run_ours(ckpt: str, tokens: int, steps: int, workdir: str, compiled: bool = False) -> dict:
     from grpo.config import load_recipe
     from grpo.trainer import GRPOTrainer
 
@@ -48,7 +52,7 @@ def run_ours(ckpt: str, tokens: int, steps: int, workdir: str) -> dict:
         f"data.source={rows}", "data.template='{prompt}'", f"rewards=[{{name: '{workdir}/reward.py:exact'}}]",
         "sampling.num_generations=8", f"sampling.max_completion_length={tokens}", "algorithm.beta=0.04",
         "optim.lr=1e-4", "optim.micro_batch_size=32", "logging.save_every=100000", "logging.tensorboard=false",
-        "logging.progress_bar=false"])
+        "logging.progress_bar=false", f"rollout.compile={str(compiled).lower()}"])
     trainer = GRPOTrainer(recipe)
     history = trainer.train()
     keep = history[1:] or history
@@ -105,7 +109,10 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         which, ckpt, tokens, workdir = args.child
-        out = (run_ours if which == "ours" else run_trl)(ckpt, int(tokens), args.steps, workdir)
+        if which == "trl":
+            out = run_trl(ckpt, int(tokens), args.steps, workdir)
+        else:
+            out = run_ours(ckpt, int(tokens), args.steps, workdir, compiled=which == "ours-compiled")
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(out))
         return
@@ -136,7 +143,7 @@ def main() -> None:
         build_model(cfg, seed=0).save_pretrained(ckpt)
         tok.save_pretrained(ckpt)
         for tokens in (32, 128):
-            for which in (["trl"] if have_trl else []) + ["ours"]:
+            for which in (["trl"] if have_trl else []) + ["ours", "ours-compiled"]:
                 work = Path(tmp, f"{which}-{tokens}")
                 work.mkdir()
                 cmd = [sys.executable, __file__, "--steps", str(args.steps), "--threads", str(args.threads),
@@ -147,18 +154,23 @@ def main() -> None:
                     raise SystemExit(f"{which} failed:\n{proc.stderr[-3000:]}")
                 results[f"{which}_{tokens}"] = json.loads(proc.stdout.strip().splitlines()[-1])
     for tokens in (32, 128):
-        o, t = results[f"ours_{tokens}"], results.get(f"trl_{tokens}")
-        line = f"{tokens:4d} tokens: ours {o['s_per_step']:.3f} s/step ({o['peak_rss_mb']:.0f} MB)"
-        if t:
-            line += f", TRL {t['s_per_step']:.3f} s/step ({t['peak_rss_mb']:.0f} MB), {t['s_per_step'] / o['s_per_step']:.2f}x"
-        print(line)
-        print(f"      ours: rollout {o['rollout_s']:.3f} s, reference log-probs {o['ref_logprobs_s']:.3f} s, "
-              f"update {o['update_s']:.3f} s; mean completion {o['mean_completion_length']:.0f} tokens")
-    o32, t32 = results["ours_32"], results.get("trl_32")
+        t = results.get(f"trl_{tokens}")
+        for which in ("ours", "ours-compiled"):
+            o = results[f"{which}_{tokens}"]
+            line = f"{tokens:4d} tokens: {which} {o['s_per_step']:.3f} s/step ({o['peak_rss_mb']:.0f} MB)"
+            if t:
+                line += (f", TRL {t['s_per_step']:.3f} s/step ({t['peak_rss_mb']:.0f} MB), "
+                         f"{t['s_per_step'] / o['s_per_step']:.2f}x")
+            print(line)
+            print(f"      {which}: rollout {o['rollout_s']:.3f} s, reference log-probs {o['ref_logprobs_s']:.3f} s, "
+                  f"update {o['update_s']:.3f} s; mean completion {o['mean_completion_length']:.0f} tokens")
+    o32, t32, c32 = results["ours_32"], results.get("trl_32"), results["ours-compiled_32"]
     print(json.dumps({
         "ours_s_per_step": round(o32["s_per_step"], 4), "trl_s_per_step": round(t32["s_per_step"], 4) if t32 else None,
         "ours_peak_rss_mb": round(o32["peak_rss_mb"], 1), "trl_peak_rss_mb": round(t32["peak_rss_mb"], 1) if t32 else None,
         "speedup": round(t32["s_per_step"] / o32["s_per_step"], 2) if t32 else None,
+        "ours_compiled_s_per_step": round(c32["s_per_step"], 4),
+        "compiled_speedup": round(t32["s_per_step"] / c32["s_per_step"], 2) if t32 else None,
         "results": results, "steps": args.steps, "threads": args.threads,
     }))
 

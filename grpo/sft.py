@@ -38,6 +38,8 @@ class SFTTrainer:
         else:
             check_columns(rows, ["prompt", s.completion_column], d.source)
         self.model = build_policy(recipe, self.tokenizer)
+        if recipe.optim.compile:
+            self.model.compile_blocks()
         if s.mtp_weight > 0 and not len(self.model.mtp):
             raise RecipeError("sft.mtp_weight > 0 needs MTP modules: set model.mtp (from scratch) or a checkpoint with them")
         self.examples = [self._encode(row) for row in rows]

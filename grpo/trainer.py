@@ -213,6 +213,10 @@ class GRPOTrainer:
             self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
             if state is not None and "reference" in state:
                 self.reference.load_state_dict(state["reference"])
+        if recipe.optim.compile:
+            for model in (self.policy, self.reference):
+                if model is not None:
+                    model.compile_blocks()
         self._wrap(recipe.parallel if world_size > 1 else None)
         o = recipe.optim
         # Built after wrapping: FSDP replaces the parameters by their shards.

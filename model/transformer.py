@@ -60,6 +60,7 @@ class Decoder(nn.Module):
         self.rotary = RotaryTable(cfg)
         self.gradient_checkpointing = False
         self.compiled_decode = None  # a model.compiled.CompiledDecode, set by CausalLM.compile_decode
+        self.compiled_blocks: list[nn.Module] | None = None  # torch.compile'd layers, set by CausalLM.compile_blocks
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                 cache: CacheView | None = None, absorb: bool = False,
@@ -86,6 +87,8 @@ class Decoder(nn.Module):
             if routing is not None and isinstance(layer.mlp, MoE):
                 layer_routing = routing[:, :, moe_index]
                 moe_index += 1
+            if cache is None and self.compiled_blocks is not None:
+                layer = self.compiled_blocks[layer.self_attn.layer_idx]
             if self.gradient_checkpointing and self.training and cache is None:
                 h = checkpoint(layer, h, cos, sin, mask, None, False, layer_routing, use_reentrant=False)
             else:
@@ -208,6 +211,16 @@ class CausalLM(nn.Module):
         from .compiled import CompiledDecode
 
         self.model.compiled_decode = CompiledDecode(self, verbose=verbose)
+        return self
+
+    def compile_blocks(self) -> CausalLM:
+        """Full-sequence forwards without a cache (training, reference and old log-probs) run each decoder
+        block through torch.compile: inductor fuses the elementwise work of the norms, RoPE, SwiGLU and
+        their backward into a few kernels, which on a CPU are bandwidth-bound passes over the activations.
+        Shapes are dynamic, so new batch and sequence lengths reuse the compiled code; the routed experts'
+        dispatch stays eager (its split sizes change every step). The first forward compiles (tens of
+        seconds; cached by inductor on disk). Cached forwards (rollouts) are unaffected: see `compile_decode`."""
+        self.model.compiled_blocks = [torch.compile(b, dynamic=True) for b in self.model.layers]
         return self
 
     def forget_derived_weights(self) -> None:
