@@ -8,8 +8,9 @@ warm-up step is reported, with where our step's time goes.
     python bench/grpo_step.py [--steps 6] [--threads 2]
 
 "ours" runs the trainer as a recipe starts by default; "ours-compiled" with `rollout.compile=true` (decode
-steps through graphs compiled ahead of time; the compile, once per model shape, happens before the first
-step and is not timed).
+steps through graphs compiled ahead of time, before the first step) and `optim.compile=true` (the blocks
+under torch.compile for the log-prob forwards and the update, compiled during the first step, which the
+median leaves out).
 
 Needs `trl` (pip install trl) and ../shared/peers for TRL's side; without them only ours runs.
 Last line: one JSON object; top-level figures are for the 32-token workload."""
@@ -52,7 +53,7 @@ def run_ours(ckpt: str, tokens: int, steps: int, workdir: str, compiled: bool = 
         f"data.source={rows}", "data.template='{prompt}'", f"rewards=[{{name: '{workdir}/reward.py:exact'}}]",
         "sampling.num_generations=8", f"sampling.max_completion_length={tokens}", "algorithm.beta=0.04",
         "optim.lr=1e-4", "optim.micro_batch_size=32", "logging.save_every=100000", "logging.tensorboard=false",
-        "logging.progress_bar=false", f"rollout.compile={str(compiled).lower()}"])
+        "logging.progress_bar=false", f"rollout.compile={str(compiled).lower()}", f"optim.compile={str(compiled).lower()}"])
     trainer = GRPOTrainer(recipe)
     history = trainer.train()
     keep = history[1:] or history

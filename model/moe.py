@@ -197,9 +197,12 @@ class Experts(nn.Module):
 
     def pads_well(self, counts: list[int]) -> bool:
         """Whether `padded_experts` suits this load (pairs per expert): few tokens per expert, and padding
-        every expert to the busiest one's count at most doubles the rows."""
+        every expert to the busiest one's count at most quadruples the rows. (At decode sizes two batched
+        matmuls beat a loop of small ones even at that much padding: measured 5% faster eager, 10% compiled,
+        on the tiny model's 32-sequence rollouts, where a bound of 2x sent a third of the steps to
+        the loop.)"""
         pairs = sum(counts)
-        return pairs <= self.small_batch * self.n_experts and max(counts) * self.n_experts <= 2 * pairs
+        return pairs <= self.small_batch * self.n_experts and max(counts) * self.n_experts <= 4 * pairs
 
 
 class MoE(nn.Module):
