@@ -169,18 +169,33 @@ class Experts(nn.Module):
         if not torch.is_grad_enabled() and self.pads_well(counts):
             return padded_experts(x, weights, flat_ids, order, token_of, expert_counts, max(counts),
                                   *self.decode_weights())
-        # split and unbind, not slicing and indexing: their backward writes each gradient once, instead
-        # of scattering every expert's share into a fresh zero tensor of the full size.
-        xs = x.index_select(0, token_of).split(counts)  # per expert: [n_e, D]
-        gate_up_w, down_w = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        outs = []
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            gate, up = F.linear(xs[e], gate_up_w[e]).chunk(2, dim=-1)
-            outs.append(F.linear(F.silu(gate) * up, down_w[e]))
-        ys = torch.cat(outs) * weights.flatten()[order].unsqueeze(1)
+        xs = x.index_select(0, token_of)  # [N*K, D], in expert order
+        if self._grouped_mm_fits(x):
+            # One grouped matmul per projection over every expert's rows: fewer, larger kernels than the loop
+            # below (a tiny-model MoE layer's forward and backward over 1536 tokens: 29 ms against 34 ms).
+            ends = expert_counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)
+            ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)
+        else:
+            # split and unbind, not slicing and indexing: their backward writes each gradient once, instead
+            # of scattering every expert's share into a fresh zero tensor of the full size.
+            gate_up_w, down_w = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+            outs = []
+            for e, (rows, n) in enumerate(zip(xs.split(counts), counts)):
+                if n == 0:
+                    continue
+                gate, up = F.linear(rows, gate_up_w[e]).chunk(2, dim=-1)
+                outs.append(F.linear(F.silu(gate) * up, down_w[e]))
+            ys = torch.cat(outs)
+        ys = ys * weights.flatten()[order].unsqueeze(1)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+    def _grouped_mm_fits(self, x: torch.Tensor) -> bool:
+        """PyTorch's grouped matmul (private, as transformers uses it) serves float32 on a CPU, without
+        autocast, with rows aligned to 16 bytes; anything else takes the per-expert loop."""
+        return (hasattr(torch, "_grouped_mm") and x.device.type == "cpu" and x.dtype == torch.float32
+                and self.gate_up_proj.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+                and x.shape[1] % 4 == 0 and self.down_proj.shape[2] % 4 == 0)
 
     def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference copies for `padded_experts`, laid out [in, out] (a batched matmul of a few rows runs

@@ -75,7 +75,9 @@ def micro(**kw):
     return preset_config("micro", vocab_size=40, **kw)
 
 
-def test_expert_dispatch_equals_a_per_token_loop():
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "per_expert_loop"])
+def test_expert_dispatch_equals_a_per_token_loop(grouped, monkeypatch):
+    monkeypatch.setattr(Experts, "_grouped_mm_fits", lambda self, x: grouped)
     g = torch.Generator().manual_seed(0)
     experts = Experts(6, 16, 8)
     with torch.no_grad():
@@ -226,6 +228,28 @@ def test_padded_expert_path_for_decode_batches_equals_the_per_expert_loop():
         padded = experts(x, w, ids)  # no grad and few tokens: the padded path
     looped = experts(x, w, ids)  # grad enabled: the per-expert loop
     torch.testing.assert_close(padded, looped.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_grouped_and_looped_expert_paths_give_the_same_gradients(monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    experts = Experts(8, 16, 8)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(torch.randn(8, 16, 16, generator=g) * 0.3)
+        experts.down_proj.copy_(torch.randn(8, 16, 8, generator=g) * 0.3)
+    x0 = torch.randn(40, 16, generator=g)
+    ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(40)])  # experts 6, 7 get no token
+    w = torch.rand(40, 2, generator=g)
+    assert experts._grouped_mm_fits(x0)  # float32, rows of 16 floats: the grouped path serves this
+    grads = []
+    for grouped in (True, False):
+        monkeypatch.setattr(Experts, "_grouped_mm_fits", lambda self, x, grouped=grouped: grouped)
+        experts.zero_grad()
+        x = x0.clone().requires_grad_()
+        experts(x, w, ids).square().sum().backward()
+        grads.append((x.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert grads[0][1][6:].abs().max() == 0  # experts no token chose get a zero gradient
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
