@@ -161,7 +161,6 @@ class Experts(nn.Module):
         self.small_batch = 16  # up to this many tokens per expert on average, inference uses padded bmm
         self._derived: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
-    @torch.compiler.disable  # data-dependent split sizes: a compiled block (CausalLM.compile_blocks) calls it eagerly
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/expert_ids [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x)  [N, D]."""
         flat_ids, order, token_of, expert_counts = sort_by_expert(expert_ids, self.n_experts)

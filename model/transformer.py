@@ -220,6 +220,10 @@ class CausalLM(nn.Module):
         Shapes are dynamic, so new batch and sequence lengths reuse the compiled code; the routed experts'
         dispatch stays eager (its split sizes change every step). The first forward compiles (tens of
         seconds; cached by inductor on disk). Cached forwards (rollouts) are unaffected: see `compile_decode`."""
+        for moe in self.moe_layers():  # data-dependent split sizes: called eagerly from the compiled blocks
+            # (set here rather than as a decorator, which would import the compiler, some 140 MB, into
+            # every process that only imports the model)
+            moe.experts.forward = torch.compiler.disable(moe.experts.forward)
         self.model.compiled_blocks = [torch.compile(b, dynamic=True) for b in self.model.layers]
         return self
 
