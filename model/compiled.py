@@ -153,7 +153,8 @@ class CompiledDecode:
         present = tuple(a is not None for a in args)
         tensors = [a for a in args if a is not None]
         dims = [d for a, d in zip(args, dims) if a is not None]
-        signature = repr((name, key, present, [(tuple(t.shape), str(t.dtype)) for t in tensors], torch.__version__))
+        signature = repr((name, key, present, [(tuple(t.shape), str(t.dtype), str(t.device)) for t in tensors],
+                          torch.__version__, torch.backends.cpu.get_cpu_capability()))  # the code is built for this ISA
         path = cache_dir() / f"{name}-{hashlib.sha256(signature.encode()).hexdigest()[:20]}.pt2"
         if not path.exists():
             if self.verbose:
