@@ -215,27 +215,30 @@ def test_missing_tokenizer_directory_is_a_clear_error(tmp_path):
         load_tokenizer(tmp_path / "nope")
 
 
-def test_padded_expert_path_for_decode_batches_equals_the_per_expert_loop():
-    g = torch.Generator().manual_seed(1)
+def random_experts(g: torch.Generator) -> Experts:
+    """8 experts, 16 wide, intermediate 8, with random weights."""
     experts = Experts(8, 16, 8)
     with torch.no_grad():
         experts.gate_up_proj.copy_(torch.randn(8, 16, 16, generator=g) * 0.3)
         experts.down_proj.copy_(torch.randn(8, 16, 8, generator=g) * 0.3)
+    return experts
+
+
+def test_padded_expert_path_for_decode_batches_equals_the_grouped_path():
+    g = torch.Generator().manual_seed(1)
+    experts = random_experts(g)
     x = torch.randn(12, 16, generator=g)
     ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(12)])
     w = torch.rand(12, 2, generator=g)
     with torch.no_grad():
         padded = experts(x, w, ids)  # no grad and few tokens: the padded path
-    looped = experts(x, w, ids)  # grad enabled: the per-expert loop
-    torch.testing.assert_close(padded, looped.detach(), atol=1e-5, rtol=1e-5)
+    grouped = experts(x, w, ids)  # grad enabled: the grouped matmuls
+    torch.testing.assert_close(padded, grouped.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_grouped_and_looped_expert_paths_give_the_same_gradients(monkeypatch):
     g = torch.Generator().manual_seed(2)
-    experts = Experts(8, 16, 8)
-    with torch.no_grad():
-        experts.gate_up_proj.copy_(torch.randn(8, 16, 16, generator=g) * 0.3)
-        experts.down_proj.copy_(torch.randn(8, 16, 8, generator=g) * 0.3)
+    experts = random_experts(g)
     x0 = torch.randn(40, 16, generator=g)
     ids = torch.stack([torch.randperm(6, generator=g)[:2] for _ in range(40)])  # experts 6, 7 get no token
     w = torch.rand(40, 2, generator=g)
