@@ -37,7 +37,7 @@ MAX = 1 << 20  # upper bound of the dynamic dimensions
 
 
 def cache_dir() -> Path:
-    """Where compiled packages are kept: $R1_GRPO_CACHE, else ~/.cache/r1-grpo."""
+    """Where compiled packages are kept: $R1_GRPO_CACHE/aoti, else ~/.cache/r1-grpo/aoti ($XDG_CACHE_HOME honoured)."""
     root = os.environ.get("R1_GRPO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "r1-grpo"
     return Path(root) / "aoti"
 
