@@ -123,7 +123,8 @@ class CompiledDecode:
             base, hn, weights, expert_ids, flat_ids, order, token_of, counts = self._run("out_moe", [
                 x, q, context, bias, *w_out, post_w, mlp.gate.weight, mlp.gate.e_score_correction_bias,
                 *(shared.decode_weights() if shared is not None else (None, None))])
-            self._note_routing(mlp, expert_ids, counts)
+            mlp.note_routing(expert_ids[:, None], counts)
+            mlp.aux_loss = None
             load = counts.tolist()
             experts = mlp.experts
             if experts.pads_well(load):
@@ -132,15 +133,6 @@ class CompiledDecode:
             else:  # a large batch: the experts' grouped path
                 x = base + experts(hn, weights, expert_ids)
         return x
-
-    @staticmethod
-    def _note_routing(mlp: MoE, expert_ids: torch.Tensor, counts: torch.Tensor) -> None:
-        """What `MoE.forward` records besides its output."""
-        if mlp.record_routing:
-            mlp.last_expert_ids = expert_ids[:, None]
-        if mlp.track_load:
-            mlp.expert_load += counts.to(mlp.expert_load)
-        mlp.aux_loss = None
 
     def _run(self, name: str, args: list[torch.Tensor | None]) -> list[torch.Tensor]:
         return self._graphs[name]([a for a in args if a is not None])

@@ -246,15 +246,23 @@ class MoE(nn.Module):
         flat = x.reshape(-1, D)
         forced = routing.reshape(B * T, -1) if routing is not None else None
         weights, expert_ids, scores = self.gate(flat, forced)  # [N, K], [N, K], [N, E]
-        if self.record_routing:
-            self.last_expert_ids = expert_ids.view(B, T, -1)
+        self.note_routing(expert_ids.view(B, T, -1))
         out = self.experts(flat, weights, expert_ids).view(B, T, D)
-        if self.track_load:
-            self.expert_load += torch.bincount(expert_ids.flatten(), minlength=self.n_experts).to(self.expert_load)
         self.aux_loss = self._sequence_balance_loss(scores, expert_ids, B, T) if self.seq_aux_alpha > 0 else None
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
+
+    def note_routing(self, expert_ids: torch.Tensor, counts: torch.Tensor | None = None) -> None:
+        """What a forward records besides its output: the experts each token went to (routing replay) and
+        their load (aux-loss-free balancing). expert_ids [B, T, K]; counts [E], the (token, expert) pairs per
+        expert, worked out here when not given."""
+        if self.record_routing:
+            self.last_expert_ids = expert_ids
+        if self.track_load:
+            if counts is None:
+                counts = torch.bincount(expert_ids.flatten(), minlength=self.n_experts)
+            self.expert_load += counts.to(self.expert_load)
 
     def _sequence_balance_loss(self, scores: torch.Tensor, expert_ids: torch.Tensor, B: int, T: int) -> torch.Tensor:
         """V3's complementary sequence-wise balance loss: alpha * sum_i f_i * P_i, averaged over sequences."""

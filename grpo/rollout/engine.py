@@ -40,8 +40,7 @@ class Engine:
                  seed: int = 0, record_routing: bool = False, compile: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.compile = compile
-        if compile and model.model.compiled_decode is None:
-            model.compile_decode(verbose=True)
+        self._compile_if_asked(model)
         cfg = model.config
         bytes_per_block = cfg.num_hidden_layers * cfg.latent_dim * block_size * model.lm_head.weight.element_size()
         self.num_blocks = num_blocks or max(1, cache_memory_bytes // bytes_per_block)
@@ -60,8 +59,11 @@ class Engine:
         """The engine already runs the trainer's model in place; pass a different model object to swap."""
         if model is not None and model is not self.model:
             self.model = self.runner.model = model
-            if self.compile and model.model.compiled_decode is None:
-                model.compile_decode(verbose=True)
+            self._compile_if_asked(model)
+
+    def _compile_if_asked(self, model: CausalLM) -> None:
+        if self.compile and model.model.compiled_decode is None:
+            model.compile_decode(verbose=True)
 
     # ----- the generate loop ----------------------------------------------------------------------------
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
