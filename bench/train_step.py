@@ -1,7 +1,7 @@
 """Training-step throughput of our DeepSeek-V3 against transformers' DeepseekV3ForCausalLM.
 
 Same tiny config (../shared/peers/tiny_setup.py's: 256 wide, 4 layers, 8 routed experts top-2), same weights,
-same batch (32 x 48 tokens), one forward + backward + AdamW step each, alternated in one process and
+same batch (32 x 48 tokens), one forward + backward + AdamW step each (fused AdamW for all), alternated in one process and
 repeated; medians reported. "ours-compiled" is our model with its blocks under torch.compile
 (`CausalLM.compile_blocks`, `optim.compile: true` in a recipe); its compile falls in the warm-up steps.
 Also the KV-cache bytes per token of each model.
@@ -58,7 +58,8 @@ def main() -> None:
         theirs = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).train()
     runs = {"ours": (ours, lambda m, x: m(x)), "ours-compiled": (ours_compiled, lambda m, x: m(x)),
             "transformers": (theirs, lambda m, x: m(x).logits)}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, (m, _) in runs.items()}
+    # AdamW as our trainer runs it (one fused kernel), the same for every model
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, fused=True) for k, (m, _) in runs.items()}
     ids = torch.randint(3, VOCAB, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(args.steps + 2):  # alternate so all see the same machine state; 2 warm-up steps (and the compile)

@@ -147,6 +147,69 @@ def padded_experts(x: torch.Tensor, weights: torch.Tensor, flat_ids: torch.Tenso
     return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
+@torch.library.custom_op("r1_grpo::grouped_mm", mutates_args=())
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, transpose_w: bool) -> torch.Tensor:
+    """Rows in expert order times their expert's matrix: x [M, K], w [E, K, N] (or [E, N, K], nn.Linear's
+    layout, with transpose_w), ends [E] (int32, the cumulative row counts) -> [M, N].
+
+    PyTorch's grouped matmul (private, as transformers uses it) as an op of ours, so that torch.compile
+    traces the MoE layer around it (PyTorch's own shape rule accepts only bf16) and takes the weights as
+    they are stored (a transposed view would be copied)."""
+    return torch._grouped_mm(x.contiguous(), w.transpose(1, 2) if transpose_w else w, offs=ends)
+
+
+@grouped_mm.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor, transpose_w: bool) -> torch.Tensor:
+    return x.new_empty(x.shape[0], w.shape[1] if transpose_w else w.shape[2])
+
+
+@torch.library.custom_op("r1_grpo::grouped_outer", mutates_args=())
+def grouped_outer(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """Per expert a_e^T b_e, for the weights' gradient: a [M, P], b [M, Q], ends [E] -> [E, P, Q] (zeros
+    for an expert with no rows)."""
+    return torch._grouped_mm(a.contiguous().t(), b.contiguous(), offs=ends)
+
+
+@grouped_outer.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(ends.shape[0], a.shape[1], b.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    x, w, ends, ctx.transpose_w = inputs
+    ctx.save_for_backward(x, w, ends)
+
+
+def _grouped_mm_backward(ctx, grad: torch.Tensor):
+    x, w, ends = ctx.saved_tensors
+    dx = grouped_mm(grad, w, ends, not ctx.transpose_w) if ctx.needs_input_grad[0] else None
+    dw = None
+    if ctx.needs_input_grad[1]:
+        dw = grouped_outer(grad, x, ends) if ctx.transpose_w else grouped_outer(x, grad, ends)
+    return dx, dw, None, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows [M, D] -> rows[perm] [M, D], whose backward gathers by the inverse permutation: a gather, where
+    indexing's own backward scatters-adds (in inductor's code, an atomic add per element)."""
+
+    @staticmethod
+    def forward(rows: torch.Tensor, perm: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        return rows.index_select(0, perm)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[2])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class Experts(nn.Module):
     """The routed experts, stacked: gate_up_proj [E, 2I, D] (gate and up fused) and down_proj [E, D, I].
 
@@ -164,30 +227,36 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/expert_ids [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x)  [N, D]."""
         flat_ids, order, token_of, expert_counts = sort_by_expert(expert_ids, self.n_experts)
-        counts = expert_counts.tolist()
-        if not torch.is_grad_enabled() and self.pads_well(counts):
-            return padded_experts(x, weights, flat_ids, order, token_of, expert_counts, max(counts),
-                                  *self.decode_weights())
-        xs = x.index_select(0, token_of)  # [N*K, D], in expert order
+        if not torch.is_grad_enabled() and expert_ids.numel() <= self.small_batch * self.n_experts:
+            counts = expert_counts.tolist()
+            if self.pads_well(counts):
+                return padded_experts(x, weights, flat_ids, order, token_of, expert_counts, max(counts),
+                                      *self.decode_weights())
+        N, K = expert_ids.shape
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=order.device))
+        # [N*K, D] in expert order: each token's row K times, then permuted.
+        xs = _PermuteRows.apply(x.unsqueeze(1).expand(N, K, x.shape[1]).reshape(N * K, -1), order, inverse)
         if self._grouped_mm_fits(x):
             # One grouped matmul per projection over every expert's rows: fewer, larger kernels than the loop
             # below (a tiny-model MoE layer's forward and backward over 1536 tokens: 29 ms against 34 ms).
+            # No host read-back of the counts, so torch.compile traces the whole layer.
             ends = expert_counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(xs, self.gate_up_proj.transpose(1, 2), offs=ends).chunk(2, dim=-1)
-            ys = torch._grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=ends)
+            gate, up = grouped_mm(xs, self.gate_up_proj, ends, True).chunk(2, dim=-1)
+            ys = grouped_mm(F.silu(gate) * up, self.down_proj, ends, True)
         else:
             # split and unbind, not slicing and indexing: their backward writes each gradient once, instead
             # of scattering every expert's share into a fresh zero tensor of the full size.
             gate_up_w, down_w = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
             outs = []
+            counts = expert_counts.tolist()
             for e, (rows, n) in enumerate(zip(xs.split(counts), counts)):
                 if n == 0:
                     continue
                 gate, up = F.linear(rows, gate_up_w[e]).chunk(2, dim=-1)
                 outs.append(F.linear(F.silu(gate) * up, down_w[e]))
             ys = torch.cat(outs)
-        ys = ys * weights.flatten()[order].unsqueeze(1)
-        return torch.zeros_like(x).index_add_(0, token_of, ys)
+        ys = _PermuteRows.apply(ys, inverse, order).view(N, K, -1)  # back in (token, k) order
+        return (ys * weights.unsqueeze(-1)).sum(dim=1)
 
     def _grouped_mm_fits(self, x: torch.Tensor) -> bool:
         """PyTorch's grouped matmul (private, as transformers uses it) serves float32 on a CPU, without

@@ -217,13 +217,11 @@ class CausalLM(nn.Module):
         """Full-sequence forwards without a cache (training, reference and old log-probs) run each decoder
         block through torch.compile: inductor fuses the elementwise work of the norms, RoPE, SwiGLU and
         their backward into a few kernels, which on a CPU are bandwidth-bound passes over the activations.
-        Shapes are dynamic, so new batch and sequence lengths reuse the compiled code; the routed experts'
-        dispatch stays eager (its split sizes change every step). The first forward compiles (tens of
-        seconds; cached by inductor on disk). Cached forwards (rollouts) are unaffected: see `compile_decode`."""
-        for moe in self.moe_layers():  # data-dependent split sizes: called eagerly from the compiled blocks
-            # (set here rather than as a decorator, which would import the compiler, some 140 MB, into
-            # every process that only imports the model)
-            moe.experts.forward = torch.compiler.disable(moe.experts.forward)
+        Shapes are dynamic, so new batch and sequence lengths reuse the compiled code. Each block compiles
+        whole, the routed experts' dispatch included: the grouped matmul is an op of ours
+        (`model.moe.grouped_mm`), and the dispatch reads nothing back to the host. The first forward compiles
+        (tens of seconds; cached by inductor on disk). Cached forwards (rollouts) are unaffected: see
+        `compile_decode`."""
         self.model.compiled_blocks = [torch.compile(b, dynamic=True) for b in self.model.layers]
         return self
 

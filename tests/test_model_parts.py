@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from model import ConfigError, ModelConfig, build_model
-from model.moe import Experts, Gate
+from model.moe import Experts, Gate, grouped_mm
 from model.presets import preset_config
 from model.tokenizer import build_char_tokenizer, load_tokenizer
 
@@ -253,6 +253,23 @@ def test_grouped_and_looped_expert_paths_give_the_same_gradients(monkeypatch):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert grads[0][1][6:].abs().max() == 0  # experts no token chose get a zero gradient
+
+
+@pytest.mark.parametrize("transpose_w", [True, False])
+def test_grouped_mm_op_is_registered_whole_for_torch_compile(transpose_w):
+    """Our grouped-matmul op: its fake (shape) rule, its autograd formula and its schema, as torch.library
+    checks them, and its values against a per-expert loop (an expert with no rows included)."""
+    g = torch.Generator().manual_seed(5)
+    ends = torch.tensor([3, 3, 10, 12], dtype=torch.int32)  # expert 1 has no rows
+    x = torch.randn(12, 8, generator=g, requires_grad=True)
+    w = torch.randn(4, 12, 8, generator=g) if transpose_w else torch.randn(4, 8, 12, generator=g)
+    w.requires_grad_()
+    torch.library.opcheck(grouped_mm, (x, w, ends, transpose_w))
+    out = grouped_mm(x, w, ends, transpose_w)
+    starts = [0, 3, 3, 10]
+    for e, (a, b) in enumerate(zip(starts, ends.tolist())):
+        w_e = w[e].t() if transpose_w else w[e]
+        torch.testing.assert_close(out[a:b], x[a:b] @ w_e)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
