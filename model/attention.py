@@ -198,9 +198,18 @@ class LatentDecode:
                w_o: torch.Tensor, b_o: torch.Tensor | None) -> torch.Tensor:
         """Attention over the latent context and the output projection: q [B, H, r + dr]; context
         [B, S, r + dr]; bias [B, S] (0, or -inf for keys to skip); w_uv [H, dv, r]; w_o [D, H * dv] -> [B, D]."""
-        B = q.shape[0]
+        return self.project_out(self.attention(q, context, bias), w_uv, w_o, b_o)
+
+    def attention(self, q: torch.Tensor, context: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """softmax(scale * q . context + bias) . context[..., :r]: q [B, H, r + dr], context [B, S, r + dr],
+        bias [B, S] -> [B, H, r] (the compiled step runs `model.native`'s single-pass kernel instead)."""
         scores = torch.baddbmm(bias[:, None, :].to(q.dtype), q, context.transpose(1, 2), alpha=self.softmax_scale)
         probs = scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype)  # [B, H, S]
-        out_latent = torch.bmm(probs, context[..., : self.kv_lora_rank])  # [B, H, r]
+        return torch.bmm(probs, context[..., : self.kv_lora_rank])
+
+    def project_out(self, out_latent: torch.Tensor, w_uv: torch.Tensor, w_o: torch.Tensor,
+                    b_o: torch.Tensor | None) -> torch.Tensor:
+        """W_UV then the output projection: out_latent [B, H, r] -> [B, D]."""
+        B = out_latent.shape[0]
         out = torch.bmm(out_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, dv]
         return F.linear(out.reshape(B, -1), w_o, b_o)

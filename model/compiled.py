@@ -2,22 +2,25 @@
 
 On a CPU a decode step of a small model is mostly fixed cost: some 400 small tensor ops at 2-5 us each,
 whatever the batch. Compiled, each layer runs as three calls into generated C++ (elementwise work fused,
-matmuls left to MKL), at a few microseconds of call overhead each:
+matmuls left to MKL), at a few microseconds of call overhead each, around one call of our attention kernel:
 
     layer_in:   norm, MLA's stacked down-projection, query LoRA, W_UK folded into the query, RoPE
                 -> the query in latent space and the token's latent (written to the cache between calls)
-    layer_out:  attention over the latent context, W_UV and the output projection, residual, norm, then
-                the dense MLP (dense layers) or the gate, the dispatch order and the shared experts (MoE)
+    attention:  over the latent context, in one pass (`model.native`; float32 on a CPU, else PyTorch's)
+    layer_out:  W_UV and the output projection, residual, norm, then the dense MLP (dense layers) or the
+                gate, the dispatch order and the shared experts (MoE)
     routed:     the routed experts, padded to the busiest expert's count and run as two batched matmuls
 
 The graphs are traced from the same functions the eager step runs (`LatentDecode`, `Routing`,
 `sort_by_expert`, `padded_experts`, `swiglu`, `rms_norm`), with the weights as inputs, so one compiled
-graph serves every layer and an optimizer step needs no recompilation. Batch size, context length and
-expert capacity are dynamic. Packages are cached on disk (`cache_dir()`), keyed by everything that shapes
-the graph, so only the first use of a model shape pays the compile (tens of seconds)."""
+graph serves every layer and an optimizer step needs no recompilation. Batch size and expert capacity are
+dynamic. Packages are cached on disk (`cache_dir()`), keyed by everything that shapes the graph (the
+traced modules' source included), so only the first use of a model shape pays the compile (tens of
+seconds)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -36,6 +39,15 @@ from .norm import rms_norm
 MAX = 1 << 20  # upper bound of the dynamic dimensions
 
 
+@functools.cache
+def _traced_source_hash() -> str:
+    """The source of every module whose code the graphs are traced from: a change to it is a new package."""
+    from . import attention, moe, norm
+
+    files = [__file__, attention.__file__, moe.__file__, norm.__file__]
+    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()[:16]
+
+
 def cache_dir() -> Path:
     """Where compiled packages are kept: $R1_GRPO_CACHE/aoti, else ~/.cache/r1-grpo/aoti ($XDG_CACHE_HOME honoured)."""
     root = os.environ.get("R1_GRPO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "r1-grpo"
@@ -48,22 +60,17 @@ def layer_in(decode: LatentDecode, eps: float, x, ln_w, w_down, b_down, q_norm, 
     return decode.query_and_latent(rms_norm(x, ln_w, eps), w_down, b_down, q_norm, w_q, w_uk, kv_norm, rope)
 
 
-def attend(decode: LatentDecode, x, q, context, bias, w_uv, w_o, b_o) -> torch.Tensor:
-    """x + attention: context [B, C, r + dr] holds the S = bias.shape[1] positions attended first."""
-    return x + decode.attend(q, context[:, : bias.shape[1]], bias, w_uv, w_o, b_o)
-
-
-def layer_out_dense(decode: LatentDecode, eps: float, x, q, context, bias, w_uv, w_o, b_o, post_w, gate_up, down):
-    """-> the block's output [B, D]."""
-    h = attend(decode, x, q, context, bias, w_uv, w_o, b_o)
+def layer_out_dense(decode: LatentDecode, eps: float, x, out_latent, w_uv, w_o, b_o, post_w, gate_up, down):
+    """x [B, D] and the attention's output in latent space [B, H, r] -> the block's output [B, D]."""
+    h = x + decode.project_out(out_latent, w_uv, w_o, b_o)
     return h + swiglu(rms_norm(h, post_w, eps), gate_up, down)
 
 
-def layer_out_moe(decode: LatentDecode, eps: float, routing: Routing, x, q, context, bias, w_uv, w_o, b_o, post_w,
+def layer_out_moe(decode: LatentDecode, eps: float, routing: Routing, x, out_latent, w_uv, w_o, b_o, post_w,
                   gate_w, correction_bias, shared_gate_up, shared_down):
     """-> h + shared experts [B, D], the routed experts' input [B, D], their weights [B, K] and ids [B, K],
     and `sort_by_expert`'s flat_ids, order, token_of, counts."""
-    h = attend(decode, x, q, context, bias, w_uv, w_o, b_o)
+    h = x + decode.project_out(out_latent, w_uv, w_o, b_o)
     hn = rms_norm(h, post_w, eps)
     weights, expert_ids, _ = routing(F.linear(hn.float(), gate_w.float()), correction_bias)
     if shared_gate_up is not None:
@@ -96,6 +103,12 @@ class CompiledDecode:
         self.decoder = decoder
         self.verbose = verbose
         self._graphs: dict[str, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}
+        weight = decoder.layers[0].self_attn.kv_b_proj.weight
+        self._kernel = None  # the single-pass attention of `model.native`, where it serves
+        if weight.dtype == torch.float32 and weight.device.type == "cpu":
+            from .native import latent_attention_kernel
+
+            self._kernel = latent_attention_kernel(verbose)
         dense = [b for b in decoder.layers if not isinstance(b.mlp, MoE)]
         moe = [b for b in decoder.layers if isinstance(b.mlp, MoE)]
         self._compile_layer_in(decoder.layers[0])
@@ -113,15 +126,15 @@ class CompiledDecode:
             w_in, w_out = attn.decode_weights()
             q, latent = self._run("in", [x, block.input_layernorm.weight, *w_in, rope])
             cache.write(attn.layer_idx, latent[:, None])
-            context = cache.read_buffer(attn.layer_idx)
+            out_latent = self._attention(attn.decode, q, cache.read_buffer(attn.layer_idx), bias)
             post_w = block.post_attention_layernorm.weight
             mlp = block.mlp
             if not isinstance(mlp, MoE):
-                (x,) = self._run("out_dense", [x, q, context, bias, *w_out, post_w, *mlp.decode_weights()])
+                (x,) = self._run("out_dense", [x, out_latent, *w_out, post_w, *mlp.decode_weights()])
                 continue
             shared = mlp.shared_experts
             base, hn, weights, expert_ids, flat_ids, order, token_of, counts = self._run("out_moe", [
-                x, q, context, bias, *w_out, post_w, mlp.gate.weight, mlp.gate.e_score_correction_bias,
+                x, out_latent, *w_out, post_w, mlp.gate.weight, mlp.gate.e_score_correction_bias,
                 *(shared.decode_weights() if shared is not None else (None, None))])
             mlp.note_routing(expert_ids[:, None], counts)
             mlp.aux_loss = None
@@ -133,6 +146,13 @@ class CompiledDecode:
             else:  # a large batch: the experts' grouped path
                 x = base + experts(hn, weights, expert_ids)
         return x
+
+    def _attention(self, decode: LatentDecode, q: torch.Tensor, context: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """q [B, H, r + dr], context [B, C, r + dr] (its first S = bias.shape[1] positions attended), bias
+        [B, S] -> [B, H, r]: the single-pass kernel where it serves (float32 on a CPU), else PyTorch's."""
+        if self._kernel is not None and q.dtype == torch.float32 and q.device.type == "cpu":
+            return self._kernel(q, context, bias, decode.kv_lora_rank, decode.softmax_scale)
+        return decode.attention(q, context[:, : bias.shape[1]], bias)
 
     def _run(self, name: str, args: list[torch.Tensor | None]) -> list[torch.Tensor]:
         return self._graphs[name]([a for a in args if a is not None])
@@ -146,7 +166,8 @@ class CompiledDecode:
         tensors = [a for a in args if a is not None]
         dims = [d for a, d in zip(args, dims) if a is not None]
         signature = repr((name, key, present, [(tuple(t.shape), str(t.dtype), str(t.device)) for t in tensors],
-                          torch.__version__, torch.backends.cpu.get_cpu_capability()))  # the code is built for this ISA
+                          torch.__version__, torch.backends.cpu.get_cpu_capability(),  # the code is built for this ISA
+                          _traced_source_hash()))
         path = cache_dir() / f"{name}-{hashlib.sha256(signature.encode()).hexdigest()[:20]}.pt2"
         if not path.exists():
             if self.verbose:
@@ -164,18 +185,15 @@ class CompiledDecode:
         """Distinct sample activations (export would merge arguments that are the same tensor)."""
         attn: MLA = block.self_attn
         w = attn.kv_b_proj.weight
-        B, C, S = 3, 7, 5
+        B = 3
         D, dr = block.input_layernorm.weight.shape[0], attn.rope_dim
         gen = torch.Generator().manual_seed(0)
         make = lambda *shape: torch.randn(*shape, generator=gen).to(w)  # noqa: E731
-        return {"x": make(B, D), "rope": make(B, dr, dr), "q": make(B, attn.n_heads, attn.kv_lora_rank + dr),
-                "context": make(B, C, attn.kv_lora_rank + dr),
-                "bias": torch.zeros(B, S, dtype=torch.float32, device=w.device)}
+        return {"x": make(B, D), "rope": make(B, dr, dr), "out_latent": make(B, attn.n_heads, attn.kv_lora_rank)}
 
     @staticmethod
     def _dims() -> dict[str, torch.export.Dim]:
-        return {"B": torch.export.Dim("batch", min=1, max=MAX), "C": torch.export.Dim("context_buffer", min=2, max=MAX),
-                "S": torch.export.Dim("context", min=2, max=MAX), "P": torch.export.Dim("capacity", min=1, max=MAX)}
+        return {"B": torch.export.Dim("batch", min=1, max=MAX), "P": torch.export.Dim("capacity", min=1, max=MAX)}
 
     def _compile_layer_in(self, block: nn.Module) -> None:
         attn: MLA = block.self_attn
@@ -189,8 +207,8 @@ class CompiledDecode:
     def _attend_args(self, block: nn.Module) -> tuple[list, list]:
         s, d = self._samples(block), self._dims()
         _, w_out = block.self_attn.decode_weights()
-        args = [s["x"], s["q"], s["context"], s["bias"], *w_out, block.post_attention_layernorm.weight]
-        dims = [{0: d["B"]}, {0: d["B"]}, {0: d["B"], 1: d["C"]}, {0: d["B"], 1: d["S"]}, *[None] * (len(w_out) + 1)]
+        args = [s["x"], s["out_latent"], *w_out, block.post_attention_layernorm.weight]
+        dims = [{0: d["B"]}, {0: d["B"]}, *[None] * (len(w_out) + 1)]
         return args, dims
 
     def _compile_out_dense(self, block: nn.Module) -> None:

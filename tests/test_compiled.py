@@ -80,9 +80,37 @@ def test_compiled_decode_matches_the_eager_step(name):
         finally:
             m.model.compiled_decode = None
         assert len(steps) == 2  # both decode steps ran compiled
+        assert graphs._kernel is not None  # float32 on a CPU: attention by our single-pass kernel
         for e, c in zip(eager_logits, compiled_logits):
             torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(compiled_cache, eager_cache, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
+@pytest.mark.parametrize("heads,rank,rope_dim,context", [(4, 512, 64, 150), (4, 64, 16, 40), (3, 29, 8, 37),
+                                                          (6, 40, 4, 1)])
+def test_latent_attention_kernel_equals_pytorchs_attention(heads, rank, rope_dim, context, portable):
+    """The single-pass kernel against `LatentDecode.attention`: vLLM's MLA sizes, the tiny model's, and
+    sizes off every vector width (odd heads, rank and rope dims, a one-position context), over a context
+    buffer longer than the positions attended, with masked positions: a whole leading tile of them in one
+    row, scattered ones in another, and a row whose only unmasked position is the last. Both builds: the
+    AVX2 one this machine runs and the plain loops other CPUs run."""
+    from model.attention import LatentDecode
+    from model.native import latent_attention_kernel
+
+    kernel = latent_attention_kernel(portable=portable)
+    g = torch.Generator().manual_seed(heads * rank + context)
+    B, R = 5, rank + rope_dim
+    q = torch.randn(B, heads, R, generator=g)
+    buffer = torch.randn(B, context + 7, R, generator=g)
+    bias = torch.zeros(B, context)
+    if context > 1:
+        bias[0, : min(20, context - 1)] = float("-inf")
+        bias[1, ::3] = float("-inf")
+        bias[2, :-1] = float("-inf")
+    decode = LatentDecode(heads, 8, rope_dim, rank, softmax_scale=0.3, q_norm_eps=None, kv_norm_eps=1e-6)
+    expected = decode.attention(q, buffer[:, :context], bias)
+    torch.testing.assert_close(kernel(q, buffer, bias, rank, 0.3), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_compiled_engine_matches_eager_engine_and_follows_weight_updates():

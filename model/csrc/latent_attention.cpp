@@ -1,0 +1,227 @@
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#if defined(__AVX2__) && defined(__FMA__) && !defined(R1_PORTABLE)  // R1_PORTABLE: the plain loops only
+#include <immintrin.h>
+#define R1_AVX2 1
+#endif
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// One decode step of weight-absorbed MLA attention, in one pass over each sequence's latent context.
+//   q       [B, H, R]  float32, contiguous: queries in latent space (R = r + dr)
+//   context [B, C, R]  float32, rows contiguous (C >= S): the cached latents
+//   bias    [B, S]     float32: 0, or -inf for positions not to attend
+// returns   [B, H, r]  softmax(scale * q . context + bias) @ context[..., :r]
+//
+// Positions go by tiles of TILE rows: the tile's scores for every head, then an online-softmax update
+// (running max and sum per head), then the tile's rows weighed into the accumulators. A tile (TILE x R
+// floats) is read from memory once and reused from cache for the value pass.
+namespace {
+
+constexpr int64_t TILE = 16;
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float s = 0.f;
+  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
+
+#ifdef R1_AVX2
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_hadd_ps(lo, lo);
+  lo = _mm_hadd_ps(lo, lo);
+  return _mm_cvtss_f32(lo);
+}
+#endif
+
+// out[h * TILE + t] = q_h . c_t for h < H, t < n: rows c_t = ctx + t * stride, n <= TILE.
+void tile_scores(const float* q, const float* ctx, int64_t stride, int64_t H, int64_t R, int64_t n, float* out) {
+  int64_t h = 0;
+#ifdef R1_AVX2
+  const int64_t Rv = R - R % 8;
+  for (; h + 4 <= H; h += 4) {  // four heads against two rows at a time: eight independent sums
+    const float *q0 = q + h * R, *q1 = q0 + R, *q2 = q1 + R, *q3 = q2 + R;
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2) {
+      const float *c0 = ctx + t * stride, *c1 = c0 + stride;
+      __m256 s00 = _mm256_setzero_ps(), s10 = s00, s20 = s00, s30 = s00, s01 = s00, s11 = s00, s21 = s00, s31 = s00;
+      for (int64_t k = 0; k < Rv; k += 8) {
+        const __m256 x0 = _mm256_loadu_ps(c0 + k), x1 = _mm256_loadu_ps(c1 + k);
+        __m256 w = _mm256_loadu_ps(q0 + k);
+        s00 = _mm256_fmadd_ps(w, x0, s00); s01 = _mm256_fmadd_ps(w, x1, s01);
+        w = _mm256_loadu_ps(q1 + k);
+        s10 = _mm256_fmadd_ps(w, x0, s10); s11 = _mm256_fmadd_ps(w, x1, s11);
+        w = _mm256_loadu_ps(q2 + k);
+        s20 = _mm256_fmadd_ps(w, x0, s20); s21 = _mm256_fmadd_ps(w, x1, s21);
+        w = _mm256_loadu_ps(q3 + k);
+        s30 = _mm256_fmadd_ps(w, x0, s30); s31 = _mm256_fmadd_ps(w, x1, s31);
+      }
+      float* o = out + h * TILE + t;
+      o[0] = hsum(s00) + dot(q0 + Rv, c0 + Rv, R - Rv); o[1] = hsum(s01) + dot(q0 + Rv, c1 + Rv, R - Rv);
+      o[TILE] = hsum(s10) + dot(q1 + Rv, c0 + Rv, R - Rv); o[TILE + 1] = hsum(s11) + dot(q1 + Rv, c1 + Rv, R - Rv);
+      o[2 * TILE] = hsum(s20) + dot(q2 + Rv, c0 + Rv, R - Rv); o[2 * TILE + 1] = hsum(s21) + dot(q2 + Rv, c1 + Rv, R - Rv);
+      o[3 * TILE] = hsum(s30) + dot(q3 + Rv, c0 + Rv, R - Rv); o[3 * TILE + 1] = hsum(s31) + dot(q3 + Rv, c1 + Rv, R - Rv);
+    }
+    for (; t < n; ++t)
+      for (int64_t j = 0; j < 4; ++j) out[(h + j) * TILE + t] = dot(q + (h + j) * R, ctx + t * stride, R);
+  }
+#endif
+  for (; h < H; ++h)
+    for (int64_t t = 0; t < n; ++t) out[h * TILE + t] = dot(q + h * R, ctx + t * stride, R);
+}
+
+#ifdef R1_AVX2
+// Four heads at once: acc[j * m + k] += sum_t p[j * TILE + t] * c_t[k] for j < 4, k < kend, from k = k0 in
+// steps of 8 * V floats; each row's vectors are loaded once for the four heads. Returns where it stopped.
+template <int V>
+int64_t weigh_rows4(const float* p, const float* ctx, int64_t stride, int64_t n, int64_t m, float* acc, int64_t k0) {
+  int64_t k = k0;
+  for (; k + 8 * V <= m; k += 8 * V) {
+    __m256 a[4][V];
+    for (int j = 0; j < 4; ++j)
+      for (int v = 0; v < V; ++v) a[j][v] = _mm256_loadu_ps(acc + j * m + k + 8 * v);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* c = ctx + t * stride + k;
+      __m256 x[V];
+      for (int v = 0; v < V; ++v) x[v] = _mm256_loadu_ps(c + 8 * v);
+      for (int j = 0; j < 4; ++j) {
+        const __m256 w = _mm256_set1_ps(p[j * TILE + t]);
+        for (int v = 0; v < V; ++v) a[j][v] = _mm256_fmadd_ps(w, x[v], a[j][v]);
+      }
+    }
+    for (int j = 0; j < 4; ++j)
+      for (int v = 0; v < V; ++v) _mm256_storeu_ps(acc + j * m + k + 8 * v, a[j][v]);
+  }
+  return k;
+}
+#endif
+
+// acc[k] += sum_t p[t] * c_t[k] for k < m, rows c_t = ctx + t * stride.
+void weigh_rows(const float* p, const float* ctx, int64_t stride, int64_t n, int64_t m, float* acc) {
+  int64_t k = 0;
+#ifdef R1_AVX2
+  for (; k + 64 <= m; k += 64) {  // 64 accumulators in eight registers
+    __m256 a0 = _mm256_loadu_ps(acc + k), a1 = _mm256_loadu_ps(acc + k + 8), a2 = _mm256_loadu_ps(acc + k + 16),
+           a3 = _mm256_loadu_ps(acc + k + 24), a4 = _mm256_loadu_ps(acc + k + 32), a5 = _mm256_loadu_ps(acc + k + 40),
+           a6 = _mm256_loadu_ps(acc + k + 48), a7 = _mm256_loadu_ps(acc + k + 56);
+    for (int64_t t = 0; t < n; ++t) {
+      const __m256 w = _mm256_set1_ps(p[t]);
+      const float* c = ctx + t * stride + k;
+      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c), a0); a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 8), a1);
+      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 16), a2); a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 24), a3);
+      a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 32), a4); a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 40), a5);
+      a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 48), a6); a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 56), a7);
+    }
+    _mm256_storeu_ps(acc + k, a0); _mm256_storeu_ps(acc + k + 8, a1); _mm256_storeu_ps(acc + k + 16, a2);
+    _mm256_storeu_ps(acc + k + 24, a3); _mm256_storeu_ps(acc + k + 32, a4); _mm256_storeu_ps(acc + k + 40, a5);
+    _mm256_storeu_ps(acc + k + 48, a6); _mm256_storeu_ps(acc + k + 56, a7);
+  }
+#endif
+  for (; k < m; ++k) {
+    float s = acc[k];
+    for (int64_t t = 0; t < n; ++t) s += p[t] * ctx[t * stride + k];
+    acc[k] = s;
+  }
+}
+
+void attend_sequence(const float* q, const float* ctx, int64_t row_stride, const float* bias, float* out,
+                     int64_t H, int64_t R, int64_t r, int64_t S, float scale, float* scores, float* acc,
+                     float* run_max, float* run_sum) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::fill(acc, acc + H * r, 0.f);
+  std::fill(run_max, run_max + H, neg_inf);
+  std::fill(run_sum, run_sum + H, 0.f);
+  for (int64_t s0 = 0; s0 < S; s0 += TILE) {
+    const int64_t n = std::min(TILE, S - s0);
+    // scores [H, n]
+    const float* tile = ctx + s0 * row_stride;
+    tile_scores(q, tile, row_stride, H, R, n, scores);
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t t = 0; t < n; ++t) {
+        const float b = bias[s0 + t];
+        scores[h * TILE + t] = b == neg_inf ? neg_inf : scores[h * TILE + t] * scale + b;
+      }
+    // online softmax: rescale what was accumulated when a head's max grows
+    for (int64_t h = 0; h < H; ++h) {
+      float* sc = scores + h * TILE;
+      float tile_max = neg_inf;
+      for (int64_t t = 0; t < n; ++t) tile_max = std::max(tile_max, sc[t]);
+      if (tile_max == neg_inf) {  // every position of this tile masked
+        for (int64_t t = 0; t < n; ++t) sc[t] = 0.f;
+        continue;
+      }
+      const float new_max = std::max(run_max[h], tile_max);
+      if (new_max > run_max[h] && run_max[h] != neg_inf) {
+        const float shrink = std::exp(run_max[h] - new_max);
+        run_sum[h] *= shrink;
+        float* a = acc + h * r;
+#pragma omp simd
+        for (int64_t k = 0; k < r; ++k) a[k] *= shrink;
+      }
+      run_max[h] = new_max;
+      float sum = 0.f;
+      for (int64_t t = 0; t < n; ++t) {
+        sc[t] = std::exp(sc[t] - new_max);
+        sum += sc[t];
+      }
+      run_sum[h] += sum;
+    }
+    // values: acc[h, :] += sum_t p[h, t] * c_t[:r]
+    int64_t h = 0;
+#ifdef R1_AVX2
+    for (; h + 4 <= H; h += 4) {  // twelve accumulators in registers, then eight-float and scalar tails
+      const int64_t k = weigh_rows4<1>(scores + h * TILE, tile, row_stride, n, r, acc + h * r,
+                                       weigh_rows4<3>(scores + h * TILE, tile, row_stride, n, r, acc + h * r, 0));
+      for (int64_t j = 0; j < 4; ++j)
+        for (int64_t kk = k; kk < r; ++kk) {
+          float sum = acc[(h + j) * r + kk];
+          for (int64_t t = 0; t < n; ++t) sum += scores[(h + j) * TILE + t] * tile[t * row_stride + kk];
+          acc[(h + j) * r + kk] = sum;
+        }
+    }
+#endif
+    for (; h < H; ++h) weigh_rows(scores + h * TILE, tile, row_stride, n, r, acc + h * r);
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const float inv = run_sum[h] > 0.f ? 1.f / run_sum[h] : 0.f;
+    for (int64_t k = 0; k < r; ++k) out[h * r + k] = acc[h * r + k] * inv;
+  }
+}
+
+}  // namespace
+
+torch::Tensor latent_attention(torch::Tensor q, torch::Tensor context, torch::Tensor bias, int64_t rank,
+                               double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && context.dtype() == torch::kFloat32 && bias.dtype() == torch::kFloat32,
+              "latent_attention: float32 tensors only");
+  TORCH_CHECK(q.dim() == 3 && context.dim() == 3 && bias.dim() == 2, "latent_attention: q [B, H, R], context [B, C, R], bias [B, S]");
+  q = q.contiguous();
+  bias = bias.contiguous();
+  if (context.stride(2) != 1) context = context.contiguous();
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), S = bias.size(1);
+  TORCH_CHECK(context.size(0) == B && context.size(2) == R && context.size(1) >= S && bias.size(0) == B,
+              "latent_attention: shapes do not agree");
+  TORCH_CHECK(rank > 0 && rank <= R, "latent_attention: rank out of range");
+  auto out = torch::empty({B, H, rank}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* cp = context.data_ptr<float>();
+  const float* bp = bias.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t seq_stride = context.stride(0), row_stride = context.stride(1);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> scores(H * TILE), acc(H * rank), run_max(H), run_sum(H);
+    for (int64_t b = b0; b < b1; ++b)
+      attend_sequence(qp + b * H * R, cp + b * seq_stride, row_stride, bp + b * S, op + b * H * rank, H, R, rank, S,
+                      static_cast<float>(scale), scores.data(), acc.data(), run_max.data(), run_sum.data());
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("latent_attention", &latent_attention, "single-pass weight-absorbed MLA decode attention (float32, CPU)");
+}
