@@ -120,12 +120,13 @@ class CompletionLogprobs(nn.Module):
         self.model, self.recipe = model, recipe
 
     def forward(self, ids: torch.Tensor, where: torch.Tensor, targets: torch.Tensor, entropy: bool = False,
-                routing: torch.Tensor | None = None):
+                routing: torch.Tensor | None = None, token_index: torch.Tensor | None = None):
         """ids [B, L] prompt + completion; where [B, T] the position predicting completion token t;
-        targets [B, T] the completion tokens; routing [B, L, M, K] the experts to replay, or None."""
+        targets [B, T] the completion tokens; routing [B, L, M, K] the experts to replay, or None;
+        token_index [N] the flat positions of the real tokens (the feed-forward skips the padding)."""
         m, temperature = self.model, self.recipe.sampling.temperature
         with compute_precision(self.recipe, m):
-            hidden = m.model.norm(m.hidden_states(ids, routing=routing))  # [B, L, D]
+            hidden = m.model.norm(m.hidden_states(ids, routing=routing, token_index=token_index))  # [B, L, D]
             h = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, D]
             if entropy:
                 lp, ent = token_logprobs_and_entropy(h, m.lm_head.weight, targets, temperature)
@@ -362,6 +363,9 @@ class GRPOTrainer:
         mask = torch.zeros(len(rows), T, dtype=torch.bool)
         where = torch.zeros(len(rows), T, dtype=torch.long)
         rollout_lp = torch.zeros(len(rows), T)
+        # The real tokens' flat positions: the feed-forward layers skip the right padding (a fifth of the
+        # tokens at 32 completion tokens, half at 128, where completions stop at EOS).
+        token_index = torch.cat([b * L + torch.arange(len(s)) for b, s in enumerate(seqs)])
         for b, i in enumerate(rows):
             p, c = len(ro.prompt_ids[i]), len(ro.completion_ids[i])
             ids[b, : p + c] = torch.tensor(seqs[b])
@@ -371,7 +375,8 @@ class GRPOTrainer:
             rollout_lp[b, :c] = torch.tensor(ro.rollout_logprobs[i])
             if self.recipe.algorithm.mask_truncated_completions and ro.finish_reasons[i] == "length":
                 mask[b] = False
-        batch = {"ids": ids, "targets": targets, "mask": mask, "where": where, "rollout_logprobs": rollout_lp}
+        batch = {"ids": ids, "targets": targets, "mask": mask, "where": where, "rollout_logprobs": rollout_lp,
+                 "token_index": token_index}
         if self.recipe.algorithm.routing_replay and ro.routing[rows[0]] is not None:
             _, M, K = ro.routing[rows[0]].shape
             routing = torch.full((len(rows), L, M, K), -1, dtype=torch.int16)  # -1: padding, the gate chooses
@@ -395,7 +400,7 @@ class GRPOTrainer:
         if isinstance(model, CausalLM):
             model = CompletionLogprobs(model, self.recipe)
         routing = batch.get("routing") if replay else None
-        return model(batch["ids"], batch["where"], batch["targets"], entropy, routing)
+        return model(batch["ids"], batch["where"], batch["targets"], entropy, routing, batch.get("token_index"))
 
     def train_step(self) -> dict[str, float]:
         r, a = self.recipe, self.recipe.algorithm

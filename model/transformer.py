@@ -30,13 +30,27 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
-                cache: CacheView | None = None, absorb: bool = False,
-                routing: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]; routing [B, T, K] replays the MoE layer's expert choice."""
+                cache: CacheView | None = None, absorb: bool = False, routing: torch.Tensor | None = None,
+                token_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; routing [B, T, K] replays the MoE layer's expert choice.
+        token_index [N]: the flat positions (b * T + t) whose outputs matter; the feed-forward runs on those
+        only and leaves the others' outputs as the attention's (see `CausalLM.hidden_states`)."""
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, absorb)
-        if routing is not None:
-            return h + self.mlp(self.post_attention_layernorm(h), routing)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        hn = self.post_attention_layernorm(h)
+        B, T, D = h.shape
+        unpad = token_index is not None and not (isinstance(self.mlp, MoE) and self.mlp.seq_aux_alpha > 0)
+        if unpad:  # (the sequence-wise balance loss needs whole rows, so it keeps them)
+            hn = hn.reshape(B * T, D).index_select(0, token_index)[None]  # [1, N, D]
+            if routing is not None:
+                routing = routing.reshape(B * T, -1).index_select(0, token_index)[None]
+        out = self.mlp(hn, routing) if routing is not None else self.mlp(hn)
+        if unpad:
+            out = out.new_zeros(B * T, D).index_copy(0, token_index, out[0]).view(B, T, D)
+            if isinstance(self.mlp, MoE) and self.mlp.record_routing:  # recorded as [B, T, K], -1 where skipped
+                ids = self.mlp.last_expert_ids[0]
+                self.mlp.last_expert_ids = ids.new_full((B * T, ids.shape[-1]), -1).index_copy(
+                    0, token_index, ids).view(B, T, -1)
+        return h + out
 
     def decode(self, x: torch.Tensor, rope: torch.Tensor, bias: torch.Tensor, cache: CacheView) -> torch.Tensor:
         """One new token per sequence, what `forward` with T = 1 and absorb computes, in fewer ops (on a CPU
@@ -64,9 +78,10 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                 cache: CacheView | None = None, absorb: bool = False,
-                routing: torch.Tensor | None = None) -> torch.Tensor:
+                routing: torch.Tensor | None = None, token_index: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions [B, T]; mask [B, T, S] or None (causal) -> hidden [B, T, D].
-        routing [B, T, M, K]: expert ids to replay in the M MoE layers, in layer order."""
+        routing [B, T, M, K]: expert ids to replay in the M MoE layers, in layer order.
+        token_index [N]: the flat positions whose outputs matter (see `Block.forward`)."""
         h = self.embed_tokens(input_ids)
         cos, sin = self.rotary(positions)
         if cache is not None and absorb and input_ids.shape[1] == 1 and routing is None \
@@ -90,9 +105,9 @@ class Decoder(nn.Module):
             if cache is None and self.compiled_blocks is not None:
                 layer = self.compiled_blocks[layer.self_attn.layer_idx]
             if self.gradient_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, cos, sin, mask, None, False, layer_routing, use_reentrant=False)
+                h = checkpoint(layer, h, cos, sin, mask, None, False, layer_routing, token_index, use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, cache, absorb, layer_routing)
+                h = layer(h, cos, sin, mask, cache, absorb, layer_routing, token_index)
         return h
 
 
@@ -137,7 +152,8 @@ class CausalLM(nn.Module):
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, cache: CacheView | None = None,
-                      absorb: bool = False, routing: torch.Tensor | None = None) -> torch.Tensor:
+                      absorb: bool = False, routing: torch.Tensor | None = None,
+                      token_index: torch.Tensor | None = None) -> torch.Tensor:
         """The last block's output [B, T, D], before the final norm.
 
         positions [B, T]: token positions; by default counted from the first real token of each row.
@@ -146,6 +162,10 @@ class CausalLM(nn.Module):
         absorb: attend with the weight-absorbed path (the decode path; needs no per-head keys).
         routing [B, T, M, K]: routing replay, the expert ids each token uses in each of the M MoE layers
             (-1: let the gate choose), e.g. what `recorded_routing` returned for the same tokens.
+        token_index [N]: flat positions (b * T + t) of the tokens whose hidden states will be used, e.g. the
+            real tokens of a right-padded batch: the feed-forward layers (most of the compute) skip the
+            rest. Exact for those tokens when no kept token attends to a skipped one (right padding, causal);
+            the skipped positions' hidden states are then meaningless.
         """
         if positions is None:
             if cache is not None:
@@ -155,7 +175,7 @@ class CausalLM(nn.Module):
             else:
                 positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         mask = self._attention_mask(input_ids.shape[1], positions, attention_mask, cache)
-        return self.model(input_ids, positions.clamp(min=0), mask, cache, absorb, routing)
+        return self.model(input_ids, positions.clamp(min=0), mask, cache, absorb, routing, token_index)
 
     @staticmethod
     def _attention_mask(T: int, positions: torch.Tensor, attention_mask: torch.Tensor | None,

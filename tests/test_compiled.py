@@ -141,20 +141,29 @@ def test_compiled_engine_matches_eager_engine_and_follows_weight_updates():
 
 
 def test_compiled_blocks_give_the_eager_loss_and_gradients():
-    """Training through torch.compile'd blocks, routed experts included, with a padded batch and then a new
-    shape (dynamic: no recompile needed for correctness either way)."""
+    """Training through torch.compile'd blocks, routed experts included, with a padded batch, a new shape
+    (dynamic: no recompile needed for correctness either way), and the feed-forward on real tokens only."""
     eager, compiled = make_model({}, seed=3).train(), make_model({}, seed=3).train().compile_blocks()
     frames_before = torch._dynamo.utils.counters["frames"]["ok"]
     breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
     g = torch.Generator().manual_seed(4)
-    for shape in ((4, 10), (3, 7)):
+    for shape, unpad in (((4, 10), False), ((3, 7), False), ((4, 9), True)):
         ids = torch.randint(3, 61, shape, generator=g)
         mask = torch.ones(shape, dtype=torch.long)
-        mask[0, :3] = 0  # left padding in one row
+        if unpad:  # right padding, the feed-forward on the real tokens only (as the GRPO trainer runs it)
+            mask[1, 5:] = mask[3, 2:] = 0
+            token_index = mask.flatten().nonzero()[:, 0]
+        else:
+            mask[0, :3] = 0  # left padding in one row
+            token_index = None
         losses = []
         for m in (eager, compiled):
             m.zero_grad()
-            loss = m(ids, attention_mask=mask).logsumexp(-1).mean()
+            if unpad:
+                hidden = m.hidden_states(ids, token_index=token_index)
+                loss = m.lm_head(m.model.norm(hidden[mask.bool()])).logsumexp(-1).mean()
+            else:
+                loss = m(ids, attention_mask=mask).logsumexp(-1).mean()
             loss.backward()
             losses.append(loss.detach())
         torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)

@@ -282,3 +282,29 @@ def test_rope_as_a_matrix_equals_the_elementwise_rotation(interleaved):
     x = torch.randn(5, 3, 16, generator=g)  # [N, heads, dr]
     expected = apply_rope(x[:, None], cos[:, None], sin[:, None], interleaved)[:, 0]
     torch.testing.assert_close(torch.bmm(x, rope_matrices(cos, sin, interleaved)), expected, atol=1e-6, rtol=0)
+
+
+def test_feed_forward_on_the_real_tokens_only_gives_the_same_outputs_and_gradients():
+    """token_index: the feed-forward layers skip the right padding; the real tokens' hidden states and every
+    gradient of a loss over them are those of the whole padded batch, routing replay included."""
+    torch.manual_seed(0)
+    m = build_model(preset_config("micro", vocab_size=61), seed=4).train()
+    lengths = [9, 4, 7]
+    B, T = len(lengths), max(lengths)
+    ids = torch.randint(3, 61, (B, T))
+    real = torch.arange(T)[None] < torch.tensor(lengths)[:, None]  # [B, T]
+    token_index = real.flatten().nonzero()[:, 0]
+    M, K = len(m.moe_layers()), m.config.num_experts_per_tok
+    routing = torch.stack([torch.randperm(8)[:K] for _ in range(B * T * M)]).view(B, T, M, K)
+    for replay in (None, routing):
+        outs, grads = [], []
+        for index in (None, token_index):
+            m.zero_grad()
+            hidden = m.hidden_states(ids, routing=replay, token_index=index)
+            (hidden[real].square().mean()).backward()
+            outs.append(hidden[real].detach())
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+        assert grads[1].keys() == grads[0].keys()
+        for n in grads[0]:
+            torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
