@@ -101,9 +101,9 @@ int64_t weigh_rows4(const float* p, const float* ctx, int64_t stride, int64_t n,
 }
 #endif
 
-// acc[k] += sum_t p[t] * c_t[k] for k < m, rows c_t = ctx + t * stride.
-void weigh_rows(const float* p, const float* ctx, int64_t stride, int64_t n, int64_t m, float* acc) {
-  int64_t k = 0;
+// acc[k] += sum_t p[t] * c_t[k] for k0 <= k < m, rows c_t = ctx + t * stride.
+void weigh_rows(const float* p, const float* ctx, int64_t stride, int64_t n, int64_t m, float* acc, int64_t k0 = 0) {
+  int64_t k = k0;
 #ifdef R1_AVX2
   for (; k + 64 <= m; k += 64) {  // 64 accumulators in eight registers
     __m256 a0 = _mm256_loadu_ps(acc + k), a1 = _mm256_loadu_ps(acc + k + 8), a2 = _mm256_loadu_ps(acc + k + 16),
@@ -177,12 +177,8 @@ void attend_sequence(const float* q, const float* ctx, int64_t row_stride, const
     for (; h + 4 <= H; h += 4) {  // twelve accumulators in registers, then eight-float and scalar tails
       const int64_t k = weigh_rows4<1>(scores + h * TILE, tile, row_stride, n, r, acc + h * r,
                                        weigh_rows4<3>(scores + h * TILE, tile, row_stride, n, r, acc + h * r, 0));
-      for (int64_t j = 0; j < 4; ++j)
-        for (int64_t kk = k; kk < r; ++kk) {
-          float sum = acc[(h + j) * r + kk];
-          for (int64_t t = 0; t < n; ++t) sum += scores[(h + j) * TILE + t] * tile[t * row_stride + kk];
-          acc[(h + j) * r + kk] = sum;
-        }
+      for (int64_t j = 0; j < 4; ++j)  // the last r % 8 columns
+        weigh_rows(scores + (h + j) * TILE, tile, row_stride, n, r, acc + (h + j) * r, k);
     }
 #endif
     for (; h < H; ++h) weigh_rows(scores + h * TILE, tile, row_stride, n, r, acc + h * r);
