@@ -134,6 +134,36 @@ class StagedCacheView(CacheView):
         return self.staging[layer]
 
 
+@dataclass
+class PagedCacheView(CacheView):
+    """A decode view over a paged pool, read in place through block tables: what the compiled decode step's
+    paged attention kernel takes (`model.native`), so nothing is gathered or staged. Other readers get the
+    context gathered from the same tables.
+
+    block_tables: [B, W] int32, each sequence's blocks in position order (padded with any valid block).
+    lengths:      [B] int64, how many positions each sequence attends to (the new token included).
+    context_slots: None; worked out from the tables if a reader asks for the gathered context.
+    """
+
+    block_tables: torch.Tensor = None  # type: ignore[assignment]
+    lengths: torch.Tensor = None  # type: ignore[assignment]
+    block_size: int = 0
+    max_length: int = 0
+
+    @property
+    def context_len(self) -> int:
+        return self.max_length
+
+    def read(self, layer: int) -> torch.Tensor:
+        if self.context_slots is None:  # once per view, for all layers
+            S, bs = self.max_length, self.block_size
+            position = torch.arange(S, device=self.block_tables.device)
+            slots = self.block_tables.long().gather(1, (position // bs).expand(len(self.lengths), S)) * bs + position % bs
+            # past a sequence's end: slot 0, masked out by position
+            self.context_slots = torch.where(position < self.lengths[:, None], slots, torch.zeros_like(slots))
+        return super().read(layer)
+
+
 def contiguous_view(cache: LatentCache, positions: torch.Tensor, max_len: int) -> CacheView:
     """A view that gives sequence b the slots [b * max_len, (b + 1) * max_len): the simple layout for
     `generate`-style loops and tests. positions [B, T] of the new tokens (-1 for padding)."""

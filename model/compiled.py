@@ -1,15 +1,18 @@
 """The decode step compiled ahead of time with AOTInductor (opt-in: `CausalLM.compile_decode()`).
 
 On a CPU a decode step of a small model is mostly fixed cost: some 400 small tensor ops at 2-5 us each,
-whatever the batch. Compiled, each layer runs as three calls into generated C++ (elementwise work fused,
-matmuls left to MKL), at a few microseconds of call overhead each, around one call of our attention kernel:
+whatever the batch. Compiled, each layer runs as a few calls into generated C++ (elementwise work fused,
+matmuls left to MKL) and into our own kernels (`model.native`, float32 on a CPU), at a few microseconds
+of call overhead each:
 
     layer_in:   norm, MLA's stacked down-projection, query LoRA, W_UK folded into the query, RoPE
                 -> the query in latent space and the token's latent (written to the cache between calls)
-    attention:  over the latent context, in one pass (`model.native`; float32 on a CPU, else PyTorch's)
+    attention:  over the latent context in one pass, read in place from the paged pool through the block
+                tables (`model.native`; else PyTorch's over the gathered context)
     layer_out:  W_UV and the output projection, residual, norm, then the dense MLP (dense layers) or the
                 gate, the dispatch order and the shared experts (MoE)
-    routed:     the routed experts, padded to the busiest expert's count and run as two batched matmuls
+    routed:     the routed experts, each on exactly its tokens (`model.native`); else a graph that pads
+                every expert to the busiest one's count and runs two batched matmuls
 
 The graphs are traced from the same functions the eager step runs (`LatentDecode`, `Routing`,
 `sort_by_expert`, `padded_experts`, `swiglu`, `rms_norm`), with the weights as inputs, so one compiled
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import MLA, LatentDecode
-from .cache import CacheView
+from .cache import CacheView, PagedCacheView
 from .moe import MLP, MoE, Routing, padded_experts, sort_by_expert, swiglu
 from .norm import rms_norm
 
@@ -104,11 +107,11 @@ class CompiledDecode:
         self.verbose = verbose
         self._graphs: dict[str, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}
         weight = decoder.layers[0].self_attn.kv_b_proj.weight
-        self._kernel = None  # the single-pass attention of `model.native`, where it serves
+        self._kernels = None  # `model.native`'s C++ kernels, where they serve (float32 on a CPU)
         if weight.dtype == torch.float32 and weight.device.type == "cpu":
-            from .native import latent_attention_kernel
+            from .native import decode_kernels
 
-            self._kernel = latent_attention_kernel(verbose)
+            self._kernels = decode_kernels(verbose)
         dense = [b for b in decoder.layers if not isinstance(b.mlp, MoE)]
         moe = [b for b in decoder.layers if isinstance(b.mlp, MoE)]
         self._compile_layer_in(decoder.layers[0])
@@ -116,7 +119,8 @@ class CompiledDecode:
             self._compile_out_dense(dense[0])
         if moe:
             self._compile_out_moe(moe[0])
-            self._compile_routed(moe[0])
+            if self._kernels is None:
+                self._compile_routed(moe[0])
 
     # ----- one step ---------------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, rope: torch.Tensor, bias: torch.Tensor, cache: CacheView) -> torch.Tensor:
@@ -126,7 +130,7 @@ class CompiledDecode:
             w_in, w_out = attn.decode_weights()
             q, latent = self._run("in", [x, block.input_layernorm.weight, *w_in, rope])
             cache.write(attn.layer_idx, latent[:, None])
-            out_latent = self._attention(attn.decode, q, cache.read_buffer(attn.layer_idx), bias)
+            out_latent = self._attention(attn.decode, q, cache, attn.layer_idx, bias)
             post_w = block.post_attention_layernorm.weight
             mlp = block.mlp
             if not isinstance(mlp, MoE):
@@ -138,8 +142,11 @@ class CompiledDecode:
                 *(shared.decode_weights() if shared is not None else (None, None))])
             mlp.note_routing(expert_ids[:, None], counts)
             mlp.aux_loss = None
-            load = counts.tolist()
             experts = mlp.experts
+            if self._kernels is not None:  # each expert on exactly its own tokens, in one call
+                x = self._kernels.routed_experts(base, hn, weights, expert_ids, *experts.decode_weights())
+                continue
+            load = counts.tolist()
             if experts.pads_well(load):
                 (x,) = self._run("routed", [base, hn, weights, flat_ids, order, token_of, counts,
                                             hn.new_empty(max(load)), *experts.decode_weights()])
@@ -147,12 +154,23 @@ class CompiledDecode:
                 x = base + experts(hn, weights, expert_ids)
         return x
 
-    def _attention(self, decode: LatentDecode, q: torch.Tensor, context: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        """q [B, H, r + dr], context [B, C, r + dr] (its first S = bias.shape[1] positions attended), bias
-        [B, S] -> [B, H, r]: the single-pass kernel where it serves (float32 on a CPU), else PyTorch's."""
-        if self._kernel is not None and q.dtype == torch.float32 and q.device.type == "cpu":
-            return self._kernel(q, context, bias, decode.kv_lora_rank, decode.softmax_scale)
-        return decode.attention(q, context[:, : bias.shape[1]], bias)
+    def _attention(self, decode: LatentDecode, q: torch.Tensor, cache: CacheView, layer: int,
+                   bias: torch.Tensor) -> torch.Tensor:
+        """q [B, H, r + dr], bias [B, S] -> [B, H, r]: the single-pass kernel where it serves (float32 on a CPU;
+        over a paged view it reads the pool in place through the block tables), else PyTorch's."""
+        if self._kernels is not None and q.dtype == torch.float32 and q.device.type == "cpu":
+            if isinstance(cache, PagedCacheView):
+                return self._kernels.latent_attention_paged(q, cache.cache.data[layer], cache.block_tables,
+                                                            cache.lengths, cache.block_size, decode.kv_lora_rank,
+                                                            decode.softmax_scale)
+            return self._kernels.latent_attention(q, cache.read_buffer(layer), bias, decode.kv_lora_rank,
+                                                  decode.softmax_scale)
+        return decode.attention(q, cache.read(layer), bias)
+
+    @property
+    def reads_pages(self) -> bool:
+        """Whether `step` attends over a `PagedCacheView` in place (else it gathers the context)."""
+        return self._kernels is not None
 
     def _run(self, name: str, args: list[torch.Tensor | None]) -> list[torch.Tensor]:
         return self._graphs[name]([a for a in args if a is not None])

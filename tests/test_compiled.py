@@ -80,7 +80,7 @@ def test_compiled_decode_matches_the_eager_step(name):
         finally:
             m.model.compiled_decode = None
         assert len(steps) == 2  # both decode steps ran compiled
-        assert graphs._kernel is not None  # float32 on a CPU: attention by our single-pass kernel
+        assert graphs._kernels is not None  # float32 on a CPU: attention and routed experts by our kernels
         for e, c in zip(eager_logits, compiled_logits):
             torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(compiled_cache, eager_cache, atol=1e-5, rtol=1e-5)
@@ -96,9 +96,9 @@ def test_latent_attention_kernel_equals_pytorchs_attention(heads, rank, rope_dim
     row, scattered ones in another, and a row whose only unmasked position is the last. Both builds: the
     AVX2 one this machine runs and the plain loops other CPUs run."""
     from model.attention import LatentDecode
-    from model.native import latent_attention_kernel
+    from model.native import decode_kernels
 
-    kernel = latent_attention_kernel(portable=portable)
+    kernel = decode_kernels(portable=portable).latent_attention
     g = torch.Generator().manual_seed(heads * rank + context)
     B, R = 5, rank + rope_dim
     q = torch.randn(B, heads, R, generator=g)
@@ -113,6 +113,64 @@ def test_latent_attention_kernel_equals_pytorchs_attention(heads, rank, rope_dim
     torch.testing.assert_close(kernel(q, buffer, bias, rank, 0.3), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
+@pytest.mark.parametrize("heads,rank,rope_dim,block_size", [(4, 512, 64, 16), (4, 64, 16, 4), (3, 29, 8, 32)])
+def test_paged_latent_attention_reads_the_pool_through_block_tables(heads, rank, rope_dim, block_size, portable):
+    """The paged kernel against the dense one over the same context gathered by hand: blocks scattered
+    through the pool in no order, lengths of one position, a whole number of blocks and a part-filled
+    last block, block tables padded past a sequence's end; blocks smaller and larger than the kernel's
+    16-row tile."""
+    from model.native import decode_kernels
+
+    kernels = decode_kernels(portable=portable)
+    g = torch.Generator().manual_seed(heads + rank + block_size)
+    lengths = torch.tensor([1, 3 * block_size, 2 * block_size + 5, 37, block_size - 1])
+    B, width = len(lengths), -(-37 // block_size) + 1  # one block of padding in the longest table
+    R, num_blocks = rank + rope_dim, B * width + 3
+    pool = torch.randn(num_blocks * block_size, R, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[: B * width].view(B, width).to(torch.int32)
+    q = torch.randn(B, heads, R, generator=g)
+    S = int(lengths.max())
+    position = torch.arange(S)
+    slots = tables.long().gather(1, (position // block_size).expand(B, S)) * block_size + position % block_size
+    context = pool[slots]  # [B, S, R]
+    bias = torch.where(position < lengths[:, None], 0.0, float("-inf"))
+    expected = kernels.latent_attention(q, context, bias, rank, 0.3)
+    got = kernels.latent_attention_paged(q, pool, tables, lengths, block_size, rank, 0.3)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)  # tiles split differently: rounding differs
+    with pytest.raises(RuntimeError, match="exceeds its block table"):
+        kernels.latent_attention_paged(q, pool, tables, lengths.clone().fill_(width * block_size + 1), block_size,
+                                       rank, 0.3)
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        kernels.latent_attention_paged(q, pool, tables + num_blocks, lengths, block_size, rank, 0.3)
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
+@pytest.mark.parametrize("tokens,dim,inter,experts,top_k", [(32, 256, 256, 8, 2), (7, 60, 36, 6, 3), (1, 16, 8, 4, 1)])
+def test_routed_experts_kernel_equals_the_experts_module(tokens, dim, inter, experts, top_k, portable):
+    """The native routed experts against `Experts.forward` (eager, exact per expert), with experts that
+    no token chose and sizes off the vector width; a bad expert id is an error, not a wild read."""
+    from model.moe import Experts
+    from model.native import decode_kernels
+
+    kernels = decode_kernels(portable=portable)
+    g = torch.Generator().manual_seed(tokens + dim)
+    module = Experts(experts, dim, inter)
+    with torch.no_grad():
+        module.gate_up_proj.normal_(0, 0.1, generator=g)
+        module.down_proj.normal_(0, 0.1, generator=g)
+    x, base = torch.randn(tokens, dim, generator=g), torch.randn(tokens, dim, generator=g)
+    # every token picks from the first experts - 1: the last expert gets no rows
+    ids = torch.stack([torch.randperm(experts - 1, generator=g)[:top_k] for _ in range(tokens)])
+    weights = torch.rand(tokens, top_k, generator=g)
+    with torch.no_grad():
+        expected = base + module(x, weights, ids)
+        got = kernels.routed_experts(base, x, weights, ids, *module.decode_weights())
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.routed_experts(base, x, weights, ids + experts, *module.decode_weights())
+
+
 def test_compiled_engine_matches_eager_engine_and_follows_weight_updates():
     """Greedy generations and the recorded routing agree, before and after an in-place optimizer step
     (the compiled graphs take the weights as inputs, so they see new weights without recompiling)."""
@@ -121,6 +179,7 @@ def test_compiled_engine_matches_eager_engine_and_follows_weight_updates():
     params = SamplingParams(n=2, temperature=0.0, max_tokens=12, ignore_eos=True)
     eager = Engine(m, num_blocks=64, block_size=4, record_routing=True)
     compiled = Engine(m, num_blocks=64, block_size=4, record_routing=True, compile=True)
+    assert m.model.compiled_decode.reads_pages  # float32 on a CPU: attention reads the pages in place
     opt = torch.optim.AdamW(m.parameters(), lr=5e-2, fused=True)  # the fused kernel moves no version counters
     for round_ in range(2):
         m.model.compiled_decode, graphs = None, m.model.compiled_decode

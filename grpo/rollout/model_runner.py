@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from model import CacheView, CausalLM, LatentCache
-from model.cache import StagedCacheView
+from model.cache import PagedCacheView, StagedCacheView
 
 from .sequence import Sequence
 
@@ -62,6 +62,14 @@ class ModelRunner:
         return StagedCacheView(self.cache, slots, positions.new_zeros(0, 0),
                                staging=self._staging, write_positions=positions, length=S)
 
+    def _paged_view(self, seqs: list[Sequence], positions: torch.Tensor, slots: torch.Tensor, S: int) -> PagedCacheView:
+        """Decode view that the compiled step's paged kernel reads in place: the block tables, no copies."""
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
+        lengths = torch.tensor([s.num_tokens for s in seqs])
+        return PagedCacheView(self.cache, slots, None, block_tables=tables, lengths=lengths,  # type: ignore[arg-type]
+                              block_size=self.block_size, max_length=S)
+
     def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A decode step's ids, positions and cache slots [B, 1], worked out in Python: one small tensor each
         instead of a tensor op per sequence."""
@@ -92,7 +100,11 @@ class ModelRunner:
             if any(n - c != 1 for n, c in zip(lens, starts)):
                 raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
             ids, positions, slots = self._decode_inputs(seqs)
-            view = self._staged_view(seqs, positions, slots, S)
+            compiled = self.model.model.compiled_decode
+            if compiled is not None and compiled.reads_pages:
+                view = self._paged_view(seqs, positions, slots, S)
+            else:  # attention that wants each sequence's context contiguous
+                view = self._staged_view(seqs, positions, slots, S)
         device = self.model.lm_head.weight.device
         if self.record_routing:
             self.model.record_routing(True)

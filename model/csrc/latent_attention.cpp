@@ -129,21 +129,26 @@ void weigh_rows(const float* p, const float* ctx, int64_t stride, int64_t n, int
   }
 }
 
-void attend_sequence(const float* q, const float* ctx, int64_t row_stride, const float* bias, float* out,
-                     int64_t H, int64_t R, int64_t r, int64_t S, float scale, float* scores, float* acc,
-                     float* run_max, float* run_sum) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::fill(acc, acc + H * r, 0.f);
-  std::fill(run_max, run_max + H, neg_inf);
-  std::fill(run_sum, run_sum + H, 0.f);
-  for (int64_t s0 = 0; s0 < S; s0 += TILE) {
-    const int64_t n = std::min(TILE, S - s0);
-    // scores [H, n]
-    const float* tile = ctx + s0 * row_stride;
-    tile_scores(q, tile, row_stride, H, R, n, scores);
+// The running state of one sequence's online softmax: per head, the max score so far, the sum of
+// exp(score - max) and the accumulated values (weighted by the same exponentials).
+struct OnlineSoftmax {
+  int64_t H, R, r;
+  float scale;
+  float *scores, *acc, *run_max, *run_sum;  // [H, TILE], [H, r], [H], [H]
+
+  void reset() {
+    std::fill(acc, acc + H * r, 0.f);
+    std::fill(run_max, run_max + H, -std::numeric_limits<float>::infinity());
+    std::fill(run_sum, run_sum + H, 0.f);
+  }
+
+  // Attends to n <= TILE rows (tile + t * stride), bias [n] (0 or -inf; nullptr: all attended).
+  void add_tile(const float* q, const float* tile, int64_t stride, int64_t n, const float* bias) {
+    const float neg_inf = -std::numeric_limits<float>::infinity();
+    tile_scores(q, tile, stride, H, R, n, scores);  // [H, n]
     for (int64_t h = 0; h < H; ++h)
       for (int64_t t = 0; t < n; ++t) {
-        const float b = bias[s0 + t];
+        const float b = bias ? bias[t] : 0.f;
         scores[h * TILE + t] = b == neg_inf ? neg_inf : scores[h * TILE + t] * scale + b;
       }
     // online softmax: rescale what was accumulated when a head's max grows
@@ -175,19 +180,32 @@ void attend_sequence(const float* q, const float* ctx, int64_t row_stride, const
     int64_t h = 0;
 #ifdef R1_AVX2
     for (; h + 4 <= H; h += 4) {  // twelve accumulators in registers, then eight-float and scalar tails
-      const int64_t k = weigh_rows4<1>(scores + h * TILE, tile, row_stride, n, r, acc + h * r,
-                                       weigh_rows4<3>(scores + h * TILE, tile, row_stride, n, r, acc + h * r, 0));
+      const int64_t k = weigh_rows4<1>(scores + h * TILE, tile, stride, n, r, acc + h * r,
+                                       weigh_rows4<3>(scores + h * TILE, tile, stride, n, r, acc + h * r, 0));
       for (int64_t j = 0; j < 4; ++j)  // the last r % 8 columns
-        weigh_rows(scores + (h + j) * TILE, tile, row_stride, n, r, acc + (h + j) * r, k);
+        weigh_rows(scores + (h + j) * TILE, tile, stride, n, r, acc + (h + j) * r, k);
     }
 #endif
-    for (; h < H; ++h) weigh_rows(scores + h * TILE, tile, row_stride, n, r, acc + h * r);
+    for (; h < H; ++h) weigh_rows(scores + h * TILE, tile, stride, n, r, acc + h * r);
   }
-  for (int64_t h = 0; h < H; ++h) {
-    const float inv = run_sum[h] > 0.f ? 1.f / run_sum[h] : 0.f;
-    for (int64_t k = 0; k < r; ++k) out[h * r + k] = acc[h * r + k] * inv;
+
+  // out [H, r] = acc / sum (zeros for a head that attended to nothing)
+  void finish(float* out) const {
+    for (int64_t h = 0; h < H; ++h) {
+      const float inv = run_sum[h] > 0.f ? 1.f / run_sum[h] : 0.f;
+      for (int64_t k = 0; k < r; ++k) out[h * r + k] = acc[h * r + k] * inv;
+    }
   }
-}
+};
+
+// Per-thread scratch for OnlineSoftmax.
+struct Scratch {
+  std::vector<float> scores, acc, run_max, run_sum;
+  OnlineSoftmax state;
+  Scratch(int64_t H, int64_t R, int64_t r, float scale)
+      : scores(H * TILE), acc(H * r), run_max(H), run_sum(H),
+        state{H, R, r, scale, scores.data(), acc.data(), run_max.data(), run_sum.data()} {}
+};
 
 }  // namespace
 
@@ -210,14 +228,67 @@ torch::Tensor latent_attention(torch::Tensor q, torch::Tensor context, torch::Te
   float* op = out.data_ptr<float>();
   const int64_t seq_stride = context.stride(0), row_stride = context.stride(1);
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<float> scores(H * TILE), acc(H * rank), run_max(H), run_sum(H);
-    for (int64_t b = b0; b < b1; ++b)
-      attend_sequence(qp + b * H * R, cp + b * seq_stride, row_stride, bp + b * S, op + b * H * rank, H, R, rank, S,
-                      static_cast<float>(scale), scores.data(), acc.data(), run_max.data(), run_sum.data());
+    Scratch scratch(H, R, rank, static_cast<float>(scale));
+    OnlineSoftmax& state = scratch.state;
+    for (int64_t b = b0; b < b1; ++b) {
+      state.reset();
+      const float* ctx = cp + b * seq_stride;
+      for (int64_t s0 = 0; s0 < S; s0 += TILE)
+        state.add_tile(qp + b * H * R, ctx + s0 * row_stride, row_stride, std::min(TILE, S - s0), bp + b * S + s0);
+      state.finish(op + b * H * rank);
+    }
   });
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("latent_attention", &latent_attention, "single-pass weight-absorbed MLA decode attention (float32, CPU)");
+// The same over the paged cache, each sequence's context read in place through its block table:
+//   q            [B, H, R]  float32: queries in latent space
+//   pool         [N, R]     float32, rows contiguous: one layer's slots (block k holds slots k * bs .. k * bs + bs - 1)
+//   block_tables [B, W]     int32: each sequence's blocks in position order
+//   lengths      [B]        int64: how many positions each sequence attends to (all of its first lengths[b])
+// returns        [B, H, r]
+torch::Tensor latent_attention_paged(torch::Tensor q, torch::Tensor pool, torch::Tensor block_tables,
+                                     torch::Tensor lengths, int64_t block_size, int64_t rank, double scale) {
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && pool.dtype() == torch::kFloat32, "latent_attention_paged: float32 only");
+  TORCH_CHECK(block_tables.dtype() == torch::kInt32 && lengths.dtype() == torch::kInt64,
+              "latent_attention_paged: block_tables int32, lengths int64");
+  TORCH_CHECK(q.dim() == 3 && pool.dim() == 2 && block_tables.dim() == 2 && lengths.dim() == 1,
+              "latent_attention_paged: q [B, H, R], pool [N, R], block_tables [B, W], lengths [B]");
+  q = q.contiguous();
+  block_tables = block_tables.contiguous();
+  lengths = lengths.contiguous();
+  TORCH_CHECK(pool.stride(1) == 1, "latent_attention_paged: the pool's rows must be contiguous");
+  const int64_t B = q.size(0), H = q.size(1), R = q.size(2), W = block_tables.size(1), N = pool.size(0);
+  TORCH_CHECK(pool.size(1) == R && block_tables.size(0) == B && lengths.size(0) == B,
+              "latent_attention_paged: shapes do not agree");
+  TORCH_CHECK(rank > 0 && rank <= R && block_size > 0, "latent_attention_paged: rank or block_size out of range");
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t* lens = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {  // checked up front: a bad table would read outside the pool
+    TORCH_CHECK(lens[b] >= 0 && lens[b] <= W * block_size, "latent_attention_paged: length ", lens[b],
+                " of sequence ", b, " exceeds its block table");
+    for (int64_t i = 0; i * block_size < lens[b]; ++i)
+      TORCH_CHECK(tables[b * W + i] >= 0 && (tables[b * W + i] + 1) * block_size <= N,
+                  "latent_attention_paged: block ", tables[b * W + i], " outside the pool");
+  }
+  auto out = torch::empty({B, H, rank}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* pp = pool.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t row_stride = pool.stride(0);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    Scratch scratch(H, R, rank, static_cast<float>(scale));
+    OnlineSoftmax& state = scratch.state;
+    for (int64_t b = b0; b < b1; ++b) {
+      state.reset();
+      for (int64_t s0 = 0; s0 < lens[b]; s0 += block_size) {
+        const float* block = pp + tables[b * W + s0 / block_size] * block_size * row_stride;
+        const int64_t in_block = std::min(block_size, lens[b] - s0);
+        for (int64_t t0 = 0; t0 < in_block; t0 += TILE)
+          state.add_tile(qp + b * H * R, block + t0 * row_stride, row_stride, std::min(TILE, in_block - t0), nullptr);
+      }
+      state.finish(op + b * H * rank);
+    }
+  });
+  return out;
 }
