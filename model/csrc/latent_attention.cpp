@@ -39,8 +39,41 @@ inline float hsum(__m256 v) {
 }
 #endif
 
+// Walks the cache lines of the next tile (TILE rows of R floats, `stride` floats apart) a few at a time, so
+// that its rows arrive from memory while this tile computes: the hardware prefetcher stops at page bounds
+// and does not know which block comes next. Measured: the kernel over a cold 52 MB layer (128 sequences of
+// 150 positions) went from 3.4 to 2.5 ms, against 1.4 ms with the same data in cache.
+struct NextTile {
+  const char* base = nullptr;  // nullptr: nothing to prefetch
+  int64_t row_bytes = 0, stride_bytes = 0;
+  int64_t row = 0, offset = 0;  // the next line to fetch: its row and byte offset in the row
+
+  NextTile(const float* next, int64_t R, int64_t stride)
+      : base(reinterpret_cast<const char*>(next)), row_bytes(R * 4), stride_bytes(stride * 4) {}
+
+  int64_t lines() const { return TILE * ((row_bytes + 63) / 64); }
+
+  void issue(int64_t count) {
+#ifdef R1_AVX2
+    if (!base) return;
+    for (; count > 0 && row < TILE; --count) {
+      _mm_prefetch(base + row * stride_bytes + offset, _MM_HINT_T0);
+      offset += 64;
+      if (offset >= row_bytes) offset = 0, ++row;
+    }
+#endif
+  }
+};
+
+// Pins a vector in a register: without it GCC folds the loads of a row into every FMA that uses it,
+// loading it four times over (the kernel ran 1.6x slower with its data in cache).
+#ifdef R1_AVX2
+#define R1_IN_REGISTER(v) asm("" : "+x"(v))
+#endif
+
 // out[h * TILE + t] = q_h . c_t for h < H, t < n: rows c_t = ctx + t * stride, n <= TILE.
-void tile_scores(const float* q, const float* ctx, int64_t stride, int64_t H, int64_t R, int64_t n, float* out) {
+void tile_scores(const float* q, const float* ctx, int64_t stride, int64_t H, int64_t R, int64_t n, float* out,
+                 NextTile& next) {
   int64_t h = 0;
 #ifdef R1_AVX2
   const int64_t Rv = R - R % 8;
@@ -51,15 +84,16 @@ void tile_scores(const float* q, const float* ctx, int64_t stride, int64_t H, in
       const float *c0 = ctx + t * stride, *c1 = c0 + stride;
       __m256 s00 = _mm256_setzero_ps(), s10 = s00, s20 = s00, s30 = s00, s01 = s00, s11 = s00, s21 = s00, s31 = s00;
       for (int64_t k = 0; k < Rv; k += 8) {
-        const __m256 x0 = _mm256_loadu_ps(c0 + k), x1 = _mm256_loadu_ps(c1 + k);
-        __m256 w = _mm256_loadu_ps(q0 + k);
-        s00 = _mm256_fmadd_ps(w, x0, s00); s01 = _mm256_fmadd_ps(w, x1, s01);
-        w = _mm256_loadu_ps(q1 + k);
-        s10 = _mm256_fmadd_ps(w, x0, s10); s11 = _mm256_fmadd_ps(w, x1, s11);
-        w = _mm256_loadu_ps(q2 + k);
-        s20 = _mm256_fmadd_ps(w, x0, s20); s21 = _mm256_fmadd_ps(w, x1, s21);
-        w = _mm256_loadu_ps(q3 + k);
-        s30 = _mm256_fmadd_ps(w, x0, s30); s31 = _mm256_fmadd_ps(w, x1, s31);
+        next.issue(1);
+        __m256 x0 = _mm256_loadu_ps(c0 + k), x1 = _mm256_loadu_ps(c1 + k);
+        __m256 w0 = _mm256_loadu_ps(q0 + k), w1 = _mm256_loadu_ps(q1 + k), w2 = _mm256_loadu_ps(q2 + k),
+               w3 = _mm256_loadu_ps(q3 + k);
+        R1_IN_REGISTER(x0); R1_IN_REGISTER(x1);
+        R1_IN_REGISTER(w0); R1_IN_REGISTER(w1); R1_IN_REGISTER(w2); R1_IN_REGISTER(w3);
+        s00 = _mm256_fmadd_ps(w0, x0, s00); s01 = _mm256_fmadd_ps(w0, x1, s01);
+        s10 = _mm256_fmadd_ps(w1, x0, s10); s11 = _mm256_fmadd_ps(w1, x1, s11);
+        s20 = _mm256_fmadd_ps(w2, x0, s20); s21 = _mm256_fmadd_ps(w2, x1, s21);
+        s30 = _mm256_fmadd_ps(w3, x0, s30); s31 = _mm256_fmadd_ps(w3, x1, s31);
       }
       float* o = out + h * TILE + t;
       o[0] = hsum(s00) + dot(q0 + Rv, c0 + Rv, R - Rv); o[1] = hsum(s01) + dot(q0 + Rv, c1 + Rv, R - Rv);
@@ -79,16 +113,22 @@ void tile_scores(const float* q, const float* ctx, int64_t stride, int64_t H, in
 // Four heads at once: acc[j * m + k] += sum_t p[j * TILE + t] * c_t[k] for j < 4, k < kend, from k = k0 in
 // steps of 8 * V floats; each row's vectors are loaded once for the four heads. Returns where it stopped.
 template <int V>
-int64_t weigh_rows4(const float* p, const float* ctx, int64_t stride, int64_t n, int64_t m, float* acc, int64_t k0) {
+int64_t weigh_rows4(const float* p, const float* ctx, int64_t stride, int64_t n, int64_t m, float* acc, int64_t k0,
+                    NextTile& next) {
   int64_t k = k0;
+  const int64_t per_chunk = next.lines() / std::max<int64_t>(1, (m - k0) / (8 * V)) + 1;
   for (; k + 8 * V <= m; k += 8 * V) {
+    next.issue(per_chunk);
     __m256 a[4][V];
     for (int j = 0; j < 4; ++j)
       for (int v = 0; v < V; ++v) a[j][v] = _mm256_loadu_ps(acc + j * m + k + 8 * v);
     for (int64_t t = 0; t < n; ++t) {
       const float* c = ctx + t * stride + k;
       __m256 x[V];
-      for (int v = 0; v < V; ++v) x[v] = _mm256_loadu_ps(c + 8 * v);
+      for (int v = 0; v < V; ++v) {
+        x[v] = _mm256_loadu_ps(c + 8 * v);
+        R1_IN_REGISTER(x[v]);
+      }
       for (int j = 0; j < 4; ++j) {
         const __m256 w = _mm256_set1_ps(p[j * TILE + t]);
         for (int v = 0; v < V; ++v) a[j][v] = _mm256_fmadd_ps(w, x[v], a[j][v]);
@@ -142,10 +182,14 @@ struct OnlineSoftmax {
     std::fill(run_sum, run_sum + H, 0.f);
   }
 
-  // Attends to n <= TILE rows (tile + t * stride), bias [n] (0 or -inf; nullptr: all attended).
-  void add_tile(const float* q, const float* tile, int64_t stride, int64_t n, const float* bias) {
+  // Attends to n <= TILE rows (tile + t * stride), bias [n] (0 or -inf; nullptr: all attended); next: the
+  // tile that comes after (nullptr: none), prefetched meanwhile.
+  void add_tile(const float* q, const float* tile, int64_t stride, int64_t n, const float* bias, const float* next) {
     const float neg_inf = -std::numeric_limits<float>::infinity();
-    tile_scores(q, tile, stride, H, R, n, scores);  // [H, n]
+    // Its lines are prefetched twice over, in the scores pass and again in the values pass (measured 7%
+    // faster than once).
+    NextTile ahead(next, R, stride), again(next, R, stride);
+    tile_scores(q, tile, stride, H, R, n, scores, ahead);  // [H, n]
     for (int64_t h = 0; h < H; ++h)
       for (int64_t t = 0; t < n; ++t) {
         const float b = bias ? bias[t] : 0.f;
@@ -181,7 +225,8 @@ struct OnlineSoftmax {
 #ifdef R1_AVX2
     for (; h + 4 <= H; h += 4) {  // twelve accumulators in registers, then eight-float and scalar tails
       const int64_t k = weigh_rows4<1>(scores + h * TILE, tile, stride, n, r, acc + h * r,
-                                       weigh_rows4<3>(scores + h * TILE, tile, stride, n, r, acc + h * r, 0));
+                                       weigh_rows4<3>(scores + h * TILE, tile, stride, n, r, acc + h * r, 0, again),
+                                       again);
       for (int64_t j = 0; j < 4; ++j)  // the last r % 8 columns
         weigh_rows(scores + (h + j) * TILE, tile, stride, n, r, acc + (h + j) * r, k);
     }
@@ -233,8 +278,10 @@ torch::Tensor latent_attention(torch::Tensor q, torch::Tensor context, torch::Te
     for (int64_t b = b0; b < b1; ++b) {
       state.reset();
       const float* ctx = cp + b * seq_stride;
-      for (int64_t s0 = 0; s0 < S; s0 += TILE)
-        state.add_tile(qp + b * H * R, ctx + s0 * row_stride, row_stride, std::min(TILE, S - s0), bp + b * S + s0);
+      for (int64_t s0 = 0; s0 < S; s0 += TILE) {
+        const float* next = s0 + TILE < S ? ctx + (s0 + TILE) * row_stride : b + 1 < b1 ? ctx + seq_stride : nullptr;
+        state.add_tile(qp + b * H * R, ctx + s0 * row_stride, row_stride, std::min(TILE, S - s0), bp + b * S + s0, next);
+      }
       state.finish(op + b * H * rank);
     }
   });
@@ -279,13 +326,20 @@ torch::Tensor latent_attention_paged(torch::Tensor q, torch::Tensor pool, torch:
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     Scratch scratch(H, R, rank, static_cast<float>(scale));
     OnlineSoftmax& state = scratch.state;
+    // tile i of sequence b: its first row, or nullptr past the end of the thread's sequences
+    auto tile_at = [&](int64_t b, int64_t s0) -> const float* {
+      if (s0 >= lens[b]) {
+        if (b + 1 >= b1) return nullptr;
+        b += 1, s0 = 0;
+      }
+      return pp + (tables[b * W + s0 / block_size] * block_size + s0 % block_size) * row_stride;
+    };
     for (int64_t b = b0; b < b1; ++b) {
       state.reset();
-      for (int64_t s0 = 0; s0 < lens[b]; s0 += block_size) {
-        const float* block = pp + tables[b * W + s0 / block_size] * block_size * row_stride;
-        const int64_t in_block = std::min(block_size, lens[b] - s0);
-        for (int64_t t0 = 0; t0 < in_block; t0 += TILE)
-          state.add_tile(qp + b * H * R, block + t0 * row_stride, row_stride, std::min(TILE, in_block - t0), nullptr);
+      for (int64_t s0 = 0; s0 < lens[b];) {  // tiles never straddle a block
+        const int64_t n = std::min({TILE, lens[b] - s0, block_size - s0 % block_size});
+        state.add_tile(qp + b * H * R, tile_at(b, s0), row_stride, n, nullptr, tile_at(b, s0 + n));
+        s0 += n;
       }
       state.finish(op + b * H * rank);
     }
