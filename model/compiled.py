@@ -144,7 +144,7 @@ class CompiledDecode:
             mlp.aux_loss = None
             experts = mlp.experts
             if self._kernels is not None:  # each expert on exactly its own tokens, in one call
-                x = self._kernels.routed_experts(base, hn, weights, expert_ids, *experts.decode_weights())
+                x = self._kernels.routed_experts(base, hn, weights, expert_ids, *experts.packed_weights())
                 continue
             load = counts.tolist()
             if experts.pads_well(load):

@@ -223,6 +223,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.small_batch = 16  # up to this many tokens per expert on average, inference uses padded bmm
         self._derived: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+        self._packed: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/expert_ids [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x)  [N, D]."""
@@ -275,8 +276,24 @@ class Experts(nn.Module):
             self._derived = (key, gu.detach().transpose(1, 2).contiguous(), d.detach().transpose(1, 2).contiguous())
         return self._derived[1], self._derived[2]
 
+    def packed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference copies in column panels for `model.native`'s routed experts, each panel contiguous:
+        gate_up [E, ceil(I/8), D, 16] (8 gate columns, then the same 8 up columns), down [E, ceil(D/16), I, 16];
+        zeros past I and D. Re-derived when the weights change."""
+        gu, d = self.gate_up_proj, self.down_proj
+        key = (gu.data_ptr(), gu._version, d.data_ptr(), d._version)
+        if self._packed is None or self._packed[0] != key:
+            E, I, D = gu.shape[0], gu.shape[1] // 2, gu.shape[2]
+            I8, D16 = -(-I // 8), -(-D // 16)
+            with torch.no_grad():
+                gate, up = (F.pad(w, (0, 0, 0, I8 * 8 - I)).view(E, I8, 8, D).transpose(2, 3) for w in gu.chunk(2, dim=1))
+                gate_up = torch.cat([gate, up], dim=3).contiguous()  # [E, I8, D, 16]
+                down = F.pad(d, (0, 0, 0, D16 * 16 - D)).view(E, D16, 16, -1).transpose(2, 3).contiguous()
+            self._packed = (key, gate_up, down)
+        return self._packed[1], self._packed[2]
+
     def forget_derived_weights(self) -> None:
-        self._derived = None
+        self._derived = self._packed = None
 
     def pads_well(self, counts: list[int]) -> bool:
         """Whether `padded_experts` suits this load (pairs per expert): few tokens per expert, and padding

@@ -165,10 +165,10 @@ def test_routed_experts_kernel_equals_the_experts_module(tokens, dim, inter, exp
     weights = torch.rand(tokens, top_k, generator=g)
     with torch.no_grad():
         expected = base + module(x, weights, ids)
-        got = kernels.routed_experts(base, x, weights, ids, *module.decode_weights())
+        got = kernels.routed_experts(base, x, weights, ids, *module.packed_weights())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match="out of range"):
-        kernels.routed_experts(base, x, weights, ids + experts, *module.decode_weights())
+        kernels.routed_experts(base, x, weights, ids + experts, *module.packed_weights())
 
 
 def test_compiled_engine_matches_eager_engine_and_follows_weight_updates():
