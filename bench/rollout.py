@@ -6,10 +6,10 @@ Each engine runs in its own process (so its peak RSS is its own), alternating, r
 
     python bench/rollout.py [--repeats 3] [--threads 2] [--skip-vllm]
 
-"ours" is our engine as the CPU recipes run it (`rollout.compile: true`, `Engine(compile=True)`): decode
+"ours" is our engine in its CPU mode (`Engine(compile=True)`, `rollout.compile: true` in a recipe): decode
 steps through graphs compiled ahead of time around our C++ kernels. The compile itself is not timed (it
-happens once per model shape; the packages are cached on disk). "ours-eager" is the engine in plain
-PyTorch (`Engine(compile=False)`, the library's default, for machines without a C++ compiler).
+happens once per model shape and machine; it is cached on disk). "ours-eager" is the engine in plain
+PyTorch (`Engine(compile=False)`, the default, which needs no C++ compiler).
 
 Last line: one JSON object; the top-level figures are for the first workload (4 x 8 x 128), and
 `workloads` has every workload's figures and ratios."""

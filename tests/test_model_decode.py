@@ -130,3 +130,31 @@ def test_fused_decode_projection_follows_weight_updates(model):
     torch.testing.assert_close(w2[-attn.kv_a_proj_with_mqa.weight.shape[0]:], attn.kv_a_proj_with_mqa.weight)
     with torch.no_grad():
         attn.kv_a_proj_with_mqa.weight.sub_(0.01)
+
+
+def test_paged_view_reads_the_context_its_block_tables_name(model):
+    """A `PagedCacheView` (what the compiled step's paged kernel reads in place) gives any other reader the
+    same context as a view listing the slots: blocks in table order, positions past a sequence's end
+    masked out, so the eager decode over it equals the decode over explicit slots."""
+    from model.cache import CacheView, PagedCacheView
+
+    bs, g = 4, torch.Generator().manual_seed(3)
+    cache = LatentCache(model.config, num_slots=12 * bs)
+    cache.data.normal_(generator=g)
+    tables = torch.tensor([[7, 2, 9], [4, 0, 0]], dtype=torch.int32)  # the second row padded with block 0
+    lengths = torch.tensor([10, 3])
+    S = int(lengths.max())
+    write = torch.tensor([[9 * bs + 1], [4 * bs + 2]])  # each sequence's last position
+    paged = PagedCacheView(cache, write, None, block_tables=tables, lengths=lengths, block_size=bs, max_length=S)
+    slots = torch.tensor([[7 * bs + i for i in range(4)] + [2 * bs + i for i in range(4)] + [9 * bs, 9 * bs + 1],
+                          [4 * bs, 4 * bs + 1, 4 * bs + 2] + [0] * 7])
+    listed = CacheView(cache, write, slots)
+    assert paged.context_len == listed.context_len == S
+    for layer in range(model.config.num_hidden_layers):
+        torch.testing.assert_close(paged.read(layer)[0], listed.read(layer)[0])
+        torch.testing.assert_close(paged.read(layer)[1, :3], listed.read(layer)[1, :3])
+    ids, positions = torch.tensor([[5], [6]]), (lengths - 1)[:, None]
+    with torch.no_grad():
+        want = model(ids, positions=positions, cache=listed, absorb=True)
+        got = model(ids, positions=positions, cache=paged, absorb=True)
+    torch.testing.assert_close(got, want)
