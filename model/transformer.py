@@ -5,6 +5,7 @@ checkpoint I/O is a renaming of experts and MTP layers only."""
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -230,6 +231,10 @@ class CausalLM(nn.Module):
         cached packages. The compiled step computes what the eager one does, to float rounding."""
         from .compiled import CompiledDecode
 
+        compiler = os.environ.get("CXX") or "c++"
+        if self.lm_head.weight.device.type == "cpu" and not any(shutil.which(c) for c in (compiler, "g++", "clang++")):
+            raise RuntimeError("compiling the decode step needs a C++ compiler (c++, g++ or clang++ on PATH, or $CXX): "
+                               "install one, or run rollouts eager (rollout.compile: false, Engine(compile=False))")
         self.model.compiled_decode = CompiledDecode(self, verbose=verbose)
         return self
 

@@ -158,3 +158,12 @@ def test_paged_view_reads_the_context_its_block_tables_name(model):
         want = model(ids, positions=positions, cache=listed, absorb=True)
         got = model(ids, positions=positions, cache=paged, absorb=True)
     torch.testing.assert_close(got, want)
+
+
+def test_compile_decode_without_a_cpp_compiler_says_what_to_do(model, monkeypatch):
+    import model.transformer as transformer
+
+    monkeypatch.setattr(transformer.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler.*rollout.compile: false"):
+        model.compile_decode()
+    assert model.model.compiled_decode is None
