@@ -27,6 +27,7 @@ import functools
 import hashlib
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,9 +110,15 @@ class CompiledDecode:
         weight = decoder.layers[0].self_attn.kv_b_proj.weight
         self._kernels = None  # `model.native`'s C++ kernels, where they serve (float32 on a CPU)
         if weight.dtype == torch.float32 and weight.device.type == "cpu":
-            from .native import decode_kernels
+            from . import native
 
-            self._kernels = decode_kernels(verbose)
+            try:
+                self._kernels = native.decode_kernels(verbose)
+            except Exception as e:  # e.g. a compiler without OpenMP: the graphs alone still serve
+                warnings.warn(f"the decode step's C++ kernels did not build ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); attention and the "
+                              f"routed experts run in PyTorch instead, slower. Set R1_GRPO_VERBOSE_BUILD=1 to see "
+                              f"the build log.", RuntimeWarning, stacklevel=2)
         dense = [b for b in decoder.layers if not isinstance(b.mlp, MoE)]
         moe = [b for b in decoder.layers if isinstance(b.mlp, MoE)]
         self._compile_layer_in(decoder.layers[0])

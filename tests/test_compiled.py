@@ -171,6 +171,26 @@ def test_routed_experts_kernel_equals_the_experts_module(tokens, dim, inter, exp
         kernels.routed_experts(base, x, weights, ids + experts, *module.packed_weights())
 
 
+def test_compiled_decode_falls_back_to_pytorch_when_the_kernels_do_not_build(monkeypatch):
+    """A machine whose compiler cannot build our kernels (say, one without OpenMP) still gets the compiled
+    graphs, with PyTorch's attention and the padded experts' graph, and a warning that says so."""
+    import model.native as native
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error building extension 'r1_grpo_decode_kernels'\nfatal error: omp.h: No such file")
+
+    monkeypatch.setattr(native, "decode_kernels", broken)
+    m = make_model({})
+    eager_logits, eager_cache = decode_two_steps(m, 3)
+    with pytest.warns(RuntimeWarning, match="did not build.*omp.h.*run in PyTorch"):
+        m.compile_decode()
+    assert m.model.compiled_decode._kernels is None and not m.model.compiled_decode.reads_pages
+    compiled_logits, compiled_cache = decode_two_steps(m, 3)
+    for e, c in zip(eager_logits, compiled_logits):
+        torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(compiled_cache, eager_cache, atol=1e-5, rtol=1e-5)
+
+
 def test_compiled_engine_matches_eager_engine_and_follows_weight_updates():
     """Greedy generations and the recorded routing agree, before and after an in-place optimizer step
     (the compiled graphs take the weights as inputs, so they see new weights without recompiling)."""
