@@ -38,9 +38,10 @@ def decode_kernels(verbose: bool = False, portable: bool = False):
         latent_attention(q [B, H, R], context [B, C, R], bias [B, S], rank, scale) -> [B, H, rank]
         latent_attention_paged(q [B, H, R], pool [N, R], block_tables [B, W] int32, lengths [B] int64,
                                block_size, rank, scale) -> [B, H, rank]
-        routed_experts(base [N, D], x [N, D], weights [N, K], expert_ids [N, K] int64, gate_up [E, D, 2I],
-                       down [E, I, D]) -> base + the experts' weighted sum [N, D]
-    Compiles once per machine (some 40 s), then loads the cached library.
+        routed_experts(base [N, D], x [N, D], weights [N, K], expert_ids [N, K] int64,
+                       gate_up [E, ceil(I/8), D, 16], down [E, ceil(D/16), I, 16] (`Experts.packed_weights`))
+            -> base + the experts' weighted sum [N, D]
+    Compiles once per machine (some 50 s), then loads the cached library.
     portable: without the AVX2 code (what other CPUs run; for tests)."""
     from torch.utils.cpp_extension import load
 

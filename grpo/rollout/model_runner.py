@@ -35,10 +35,15 @@ class ModelRunner:
         for src, dst in copies:
             self.cache.data[:, dst * bs:(dst + 1) * bs] = self.cache.data[:, src * bs:(src + 1) * bs]
 
+    @staticmethod
+    def _block_tables(seqs: list[Sequence], dtype: torch.dtype = torch.long) -> torch.Tensor:
+        """[B, W] each sequence's blocks, padded with block 0 to the longest table."""
+        width = max(len(s.block_table) for s in seqs)
+        return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=dtype)
+
     def _slots(self, seqs: list[Sequence], positions: torch.Tensor) -> torch.Tensor:
         """positions [B, T] (-1: none) -> cache slots [B, T] (-1 where position is -1)."""
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+        tables = self._block_tables(seqs)
         p = positions.clamp(min=0)
         slots = tables.gather(1, p // self.block_size) * self.block_size + p % self.block_size
         return torch.where(positions >= 0, slots, torch.full_like(slots, -1))
@@ -64,9 +69,7 @@ class ModelRunner:
 
     def _paged_view(self, seqs: list[Sequence], positions: torch.Tensor, slots: torch.Tensor, S: int) -> PagedCacheView:
         """Decode view that the compiled step's paged kernel reads in place: the block tables, no copies."""
-        width = max(len(s.block_table) for s in seqs)
-        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=torch.int32)
-        lengths = torch.tensor([s.num_tokens for s in seqs])
+        tables, lengths = self._block_tables(seqs, torch.int32), torch.tensor([s.num_tokens for s in seqs])
         return PagedCacheView(self.cache, slots, None, block_tables=tables, lengths=lengths,  # type: ignore[arg-type]
                               block_size=self.block_size, max_length=S)
 
