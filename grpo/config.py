@@ -178,7 +178,7 @@ class Recipe:
         need(self.algorithm.epsilon > 0, "algorithm.epsilon", "must be > 0")
         need(self.algorithm.beta >= 0, "algorithm.beta", "must be >= 0")
         need(self.algorithm.num_iterations >= 1, "algorithm.num_iterations", "must be >= 1")
-        need(self.optim.lr > 0, "optim.lr", "must be > 0")
+        need(self.optim.lr >= 0, "optim.lr", "must be >= 0 (0 keeps the policy fixed: a control run)")
         need(self.optim.micro_batch_size >= 1, "optim.micro_batch_size", "must be >= 1")
         need(len(self.rewards) >= 1, "rewards", "name at least one reward")
         need(not (self.optim.compile and self.parallel == "fsdp"), "optim.compile",

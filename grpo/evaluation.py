@@ -9,6 +9,7 @@ are recognized), named benchmarks looked up in a data directory, or Hub datasets
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -110,6 +111,24 @@ def mean_at_n(n: int, c: int) -> float:
     responses" (mean@n), equal to :func:`pass_at_k` with ``k=1``."""
     _check_counts(n, c)
     return c / n
+
+
+def paired_standard_error(after: Sequence[float], before: Sequence[float]) -> float:
+    """Return the standard error of mean(after) - mean(before) over the same problems: the sample standard
+    deviation of the per-problem differences over sqrt(problems). Pairing removes the spread of problem
+    difficulty, which both checkpoints share, so a real gain stands out of far less noise than two
+    independent error bars would allow.
+
+    Raises:
+        ValueError: the two lists differ in length or hold fewer than 2 problems.
+    """
+    if len(after) != len(before) or len(after) < 2:
+        raise ValueError(f"paired_standard_error needs two equal-length lists of >= 2 problems, got "
+                         f"{len(after)} and {len(before)}")
+    diffs = [a - b for a, b in zip(after, before)]
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return math.sqrt(variance / len(diffs))
 
 
 def _same_string(a: str, b: str) -> bool:

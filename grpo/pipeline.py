@@ -13,7 +13,7 @@ from model import load_pretrained
 
 from .checkpointing import latest_checkpoint
 from .config import Recipe
-from .evaluation import evaluate, load_eval_rows
+from .evaluation import evaluate, load_eval_rows, paired_standard_error
 from .rollout.engine import Engine
 from .sft import SFTTrainer
 from .trainer import GRPOTrainer, build_tokenizer
@@ -27,7 +27,8 @@ def held_out_rows(recipe: Recipe) -> list[dict[str, Any]]:
 
 def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     """pass@1 (the mean over `evaluation.n` samples at `evaluation.temperature`), format compliance, mean
-    length, and one correct completion as an example."""
+    length, one correct completion as an example, and each problem's pass@1 (`per_problem_pass@1`, in the
+    order of `rows`, for paired comparisons)."""
     e = recipe.evaluation
     tokenizer = build_tokenizer(dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=str(model_dir))))
     model = load_pretrained(model_dir).eval()
@@ -36,10 +37,13 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, An
                       temperature=e.temperature, max_tokens=recipe.sampling.max_completion_length, seed=recipe.seed,
                       breakdown_field=[])
     s = result.summary
+    per_problem = [0.0] * len(rows)
+    for x in result.samples:
+        per_problem[x["problem"]] += bool(x["correct"]) / e.n
     example = next((x for x in result.samples if x.get("correct")), result.samples[0] if result.samples else None)
     return {"pass@1": s["pass@1"], "format": s.get("format"), "mean_length": s.get("mean_length"),
             "example": {"prompt": example["prompt"], "completion": example["completion"], "correct": example["correct"]}
-            if example else None}
+            if example else None, "per_problem_pass@1": per_problem}
 
 
 def run_r1(recipe: Recipe) -> dict[str, Any]:
@@ -72,6 +76,10 @@ def run_r1(recipe: Recipe) -> dict[str, Any]:
     report["stages"]["eval_grpo"] = {"seconds": round(time.perf_counter() - t, 1)}
     report["total_seconds"] = round(sum(s["seconds"] for s in report["stages"].values()), 1)
     report["pass@1_gain"] = report["grpo_eval"]["pass@1"] - report["sft_eval"]["pass@1"]
+    # The same problems before and after: the gain's noise is that of the per-problem differences.
+    if len(rows) >= 2:
+        report["pass@1_gain_stderr"] = paired_standard_error(report["grpo_eval"]["per_problem_pass@1"],
+                                                             report["sft_eval"]["per_problem_pass@1"])
     first, last = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10):]
     report["reward_first_steps"] = sum(h["reward"] for h in first) / len(first)
     report["reward_last_steps"] = sum(h["reward"] for h in last) / len(last)
@@ -100,6 +108,9 @@ def format_report(report: dict[str, Any]) -> str:
         *[f"| {name} | {v['seconds']:.1f} |" for name, v in report["stages"].items()],
         f"| total | {report['total_seconds']:.1f} |",
     ]
+    if "pass@1_gain_stderr" in report:
+        lines += ["", f"GRPO changed held-out pass@1 by {report['pass@1_gain']:+.3f} (standard error "
+                      f"{report['pass@1_gain_stderr']:.3f}, paired over the same problems)."]
     if g.get("example"):
         verdict = "a correct one" if g["example"]["correct"] else "no completion was correct; the first one"
         lines += ["", f"An example after GRPO ({verdict}):", "", "```", g["example"]["prompt"] + g["example"]["completion"],
