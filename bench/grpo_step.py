@@ -12,7 +12,9 @@ steps through graphs compiled ahead of time, before the first step) and `optim.c
 under torch.compile for the log-prob forwards and the update, compiled during the first step, which the
 median leaves out).
 
-Needs `trl` (pip install trl) and ../shared/peers for TRL's side; without them only ours runs.
+Needs `trl` (`pip install -e ".[bench]"`) and ../shared/peers for TRL's side. A peer that is missing or
+fails is reported as null with its reason (`failed` in the JSON) and ours still runs; `--fail-peer trl`
+makes TRL fail on purpose, to check that. The JSON names the CPU (bench/machine.py) and the threads.
 Last line: one JSON object; top-level figures are for the 32-token workload."""
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PEERS = ROOT.parent / "shared" / "peers"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+FAIL_ENV = "R1_BENCH_FAIL"  # set in a child by --fail-peer: it raises before doing anything
+RUNNERS = ("trl", "ours", "ours-compiled")
 
 REWARD = '''
 def exact(prompts, completions, answer, **kw):
@@ -99,17 +104,33 @@ def run_trl(ckpt: str, tokens: int, steps: int, workdir: str) -> dict:
     return {"s_per_step": statistics.median(keep)}
 
 
+def trl_missing() -> str | None:
+    """Why TRL's side cannot run here, or None."""
+    import importlib.util
+
+    if not PEERS.exists():
+        return f"the peer scripts are not at {PEERS}"
+    if importlib.util.find_spec("trl") is None:
+        return "trl is not installed (pip install -e '.[bench]')"
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tokens", default="32,128", help="comma-separated completion lengths (default %(default)s)")
+    ap.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated, of {', '.join(RUNNERS)}")
+    ap.add_argument("--fail-peer", action="append", default=[], choices=["trl"], help="make TRL fail on purpose")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         import torch
 
-        torch.set_num_threads(args.threads)
         which, ckpt, tokens, workdir = args.child
+        if os.environ.get(FAIL_ENV):
+            raise RuntimeError(f"{which} made to fail by --fail-peer")
+        torch.set_num_threads(args.threads)
         if which == "trl":
             out = run_trl(ckpt, int(tokens), args.steps, workdir)
         else:
@@ -118,11 +139,18 @@ def main() -> None:
         print(json.dumps(out))
         return
 
-    have_trl = PEERS.exists()
-    try:
-        import trl  # noqa: F401
-    except ImportError:
-        have_trl = False
+    from machine import cpu_info, describe
+    from rollout import failure_reason
+
+    runners = [r.strip() for r in args.runners.split(",") if r.strip()]
+    if sorted(set(runners) - set(RUNNERS)):
+        ap.error(f"--runners: choose from {', '.join(RUNNERS)}")
+    token_counts = [int(t) for t in args.tokens.split(",")]
+    failed: dict[str, str] = {}
+    if "trl" in runners and trl_missing():
+        failed["trl"] = trl_missing()
+    cpu = cpu_info(args.threads)
+    print(f"CPU: {describe(cpu)}, {args.threads} threads", flush=True)
     sys.path.insert(0, str(PEERS))
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,21 +171,28 @@ def main() -> None:
         ckpt = f"{tmp}/ckpt"
         build_model(cfg, seed=0).save_pretrained(ckpt)
         tok.save_pretrained(ckpt)
-        for tokens in (32, 128):
-            for which in (["trl"] if have_trl else []) + ["ours", "ours-compiled"]:
+        for tokens in token_counts:
+            for which in runners:
+                if which in failed:
+                    continue
                 work = Path(tmp, f"{which}-{tokens}")
                 work.mkdir()
                 cmd = [sys.executable, __file__, "--steps", str(args.steps), "--threads", str(args.threads),
                        "--child", which, ckpt, str(tokens), str(work)]
+                fail = {FAIL_ENV: "1"} if which in args.fail_peer else {}
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                      env={**os.environ, "PYTHONPATH": str(ROOT), **fail})
                 if proc.returncode != 0:
-                    raise SystemExit(f"{which} failed:\n{proc.stderr[-3000:]}")
+                    failed[which] = failure_reason(proc.stderr)
+                    print(f"{which} failed at {tokens} tokens: {failed[which]}", file=sys.stderr, flush=True)
+                    continue
                 results[f"{which}_{tokens}"] = json.loads(proc.stdout.strip().splitlines()[-1])
-    for tokens in (32, 128):
+    for tokens in token_counts:
         t = results.get(f"trl_{tokens}")
         for which in ("ours", "ours-compiled"):
-            o = results[f"{which}_{tokens}"]
+            o = results.get(f"{which}_{tokens}")
+            if o is None:
+                continue
             line = f"{tokens:4d} tokens: {which} {o['s_per_step']:.3f} s/step ({o['peak_rss_mb']:.0f} MB)"
             if t:
                 line += (f", TRL {t['s_per_step']:.3f} s/step ({t['peak_rss_mb']:.0f} MB), "
@@ -165,14 +200,23 @@ def main() -> None:
             print(line)
             print(f"      {which}: rollout {o['rollout_s']:.3f} s, reference log-probs {o['ref_logprobs_s']:.3f} s, "
                   f"update {o['update_s']:.3f} s; mean completion {o['mean_completion_length']:.0f} tokens")
-    o32, t32, c32 = results["ours_32"], results.get("trl_32"), results["ours-compiled_32"]
+    for which, why in failed.items():
+        print(f"{which}: not measured: {why}")
+    first = token_counts[0]
+    o, t, c = (results.get(f"{w}_{first}") for w in ("ours", "trl", "ours-compiled"))
+
+    def get(r: dict | None, key: str) -> float | None:
+        return round(r[key], 4) if r else None
+
+    def ratio(peer: dict | None, mine: dict | None) -> float | None:
+        return round(peer["s_per_step"] / mine["s_per_step"], 2) if peer and mine else None
+
     print(json.dumps({
-        "ours_s_per_step": round(o32["s_per_step"], 4), "trl_s_per_step": round(t32["s_per_step"], 4) if t32 else None,
-        "ours_peak_rss_mb": round(o32["peak_rss_mb"], 1), "trl_peak_rss_mb": round(t32["peak_rss_mb"], 1) if t32 else None,
-        "speedup": round(t32["s_per_step"] / o32["s_per_step"], 2) if t32 else None,
-        "ours_compiled_s_per_step": round(c32["s_per_step"], 4),
-        "compiled_speedup": round(t32["s_per_step"] / c32["s_per_step"], 2) if t32 else None,
-        "results": results, "steps": args.steps, "threads": args.threads,
+        "tokens": first, "ours_s_per_step": get(o, "s_per_step"), "trl_s_per_step": get(t, "s_per_step"),
+        "ours_peak_rss_mb": get(o, "peak_rss_mb"), "trl_peak_rss_mb": get(t, "peak_rss_mb"),
+        "speedup": ratio(t, o), "ours_compiled_s_per_step": get(c, "s_per_step"),
+        "ours_compiled_peak_rss_mb": get(c, "peak_rss_mb"), "compiled_speedup": ratio(t, c),
+        "failed": failed, "results": results, "cpu": cpu, "steps": args.steps, "threads": args.threads,
     }))
 
 

