@@ -88,7 +88,8 @@ def run_one(engine: str, ckpt: str, num_prompts: int, n: int, new_tokens: int, t
         from grpo.rollout import SamplingParams
         from grpo.rollout.vllm_backend import VLLMEngine
 
-        eng = VLLMEngine(ckpt, dtype=engine.removeprefix("vllm-"))
+        # Generation only: vLLM may use its fastest backend (AMX_MLA on an AMX CPU in bfloat16).
+        eng = VLLMEngine(ckpt, dtype=engine.removeprefix("vllm-"), updatable_weights=False)
 
         def go(tokens: int) -> int:
             out = eng.generate(prompts, SamplingParams(n=n, temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0))

