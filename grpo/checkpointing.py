@@ -8,6 +8,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,10 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, state: 
     model.save_pretrained(tmp / "model")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
+    # Test-only: GRPO_TEST_KILL_IN_SAVE=N makes the process SIGKILL itself halfway through writing checkpoint N
+    # (model written, trainer state not), so tests/test_resume.py can kill a run during a save deterministically.
+    if os.environ.get("GRPO_TEST_KILL_IN_SAVE") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)
