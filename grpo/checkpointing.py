@@ -4,10 +4,12 @@ position and step, written atomically (a temporary directory, then a rename); th
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,10 @@ def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, state: 
     model.save_pretrained(tmp / "model")
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
+    # Test-only: GRPO_TEST_KILL_IN_SAVE=N makes the process SIGKILL itself halfway through writing checkpoint N
+    # (model written, trainer state not), so tests/test_resume.py can kill a run during a save deterministically.
+    if os.environ.get("GRPO_TEST_KILL_IN_SAVE") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
     torch.save({**state, "step": step, "rng": rng_state()}, tmp / STATE_FILE)
     if final.exists():
         shutil.rmtree(final)
@@ -65,3 +71,25 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
     return torch.load(checkpoint / STATE_FILE, weights_only=False)
+
+
+def cut_log(path: str | Path, step: int) -> None:
+    """Cuts a JSON-lines log (one object with a "step" per line, in step order) back to its lines of steps <= `step`,
+    so that a run that restarts after `step` logs each step once: `step` is the checkpoint a run resumes from, 0 on
+    a fresh start (which empties the log). The cut is at the first line past `step`, or torn by a kill mid-write
+    (no newline, or not such JSON); everything after it goes. One truncate call: a kill leaves it done or not."""
+    path = Path(path)
+    if not path.exists():
+        return
+    keep = 0
+    with path.open("rb") as f:
+        for line in f:
+            try:
+                ok = line.endswith(b"\n") and json.loads(line)["step"] <= step
+            except (ValueError, KeyError, TypeError):
+                ok = False
+            if not ok:
+                break
+            keep += len(line)
+    if keep < path.stat().st_size:
+        os.truncate(path, keep)

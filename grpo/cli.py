@@ -60,8 +60,15 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"another output_dir (output_dir=...)", file=sys.stderr)
         return 2
     world = distributed.init_from_env()
+    resume = args.resume
+    if resume and latest_checkpoint(recipe.output_dir) is None:
+        # A job requeued with --resume that died before its first checkpoint: nothing to lose, start over.
+        if world.rank == 0:
+            print(f"--resume: no complete checkpoint under {Path(recipe.output_dir) / 'checkpoints'} yet; "
+                  f"starting from scratch", file=sys.stderr)
+        resume = False
     try:
-        trainer = GRPOTrainer(recipe, resume=args.resume, world_rank=world.rank, world_size=world.world_size)
+        trainer = GRPOTrainer(recipe, resume=resume, world_rank=world.rank, world_size=world.world_size)
         history = trainer.train()
     finally:
         distributed.shutdown()
@@ -213,7 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="GRPO training from a YAML recipe (several processes: under torchrun)")
     p.add_argument("recipe", help="path to a YAML recipe")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. algorithm.beta=0.04")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest complete checkpoint, or start from scratch (saying so) when "
+                        "there is none yet, so a requeued job can always pass it; the logs are cut back to the "
+                        "checkpoint's step, so each step is logged once")
     p.add_argument("--dry-run", action="store_true",
                    help="check the recipe, model config, tokenizer, data and rewards, print the resources it needs, "
                         "and exit without loading weights or training")
@@ -288,3 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

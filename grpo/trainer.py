@@ -24,7 +24,7 @@ from model.tokenizer import build_char_tokenizer, load_tokenizer
 
 from . import distributed
 from .advantages import group_advantages
-from .checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from .checkpointing import cut_log, latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from .config import Recipe, RecipeError, recipe_to_dict
 from .data import PromptSampler, check_columns, load_rows
 from .evaluation import encode_prompt, evaluate_policy, load_eval_rows
@@ -522,7 +522,7 @@ class GRPOTrainer:
         if self.rank == 0:  # one process writes the run's files
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "recipe.json").write_text(json.dumps(recipe_to_dict(r), indent=2, default=str))
-            logger = MetricsLogger(self.out, r.logging.tensorboard)
+            logger = MetricsLogger(self.out, r.logging.tensorboard, start_step=self.step)
         history = []
         bar = tqdm(total=r.max_steps, initial=self.step, desc="grpo", disable=not r.logging.progress_bar or self.rank)
         while self.step < r.max_steps:
@@ -587,9 +587,13 @@ def _concat_rollouts(parts: list[Rollout]) -> Rollout:
 
 
 class MetricsLogger:
-    """One JSON line per step (metrics.jsonl), TensorBoard when installed, sample completions (completions.jsonl)."""
+    """One JSON line per step (metrics.jsonl), TensorBoard when installed, sample completions (completions.jsonl).
+    start_step: the checkpoint's step the run resumes from (0: a fresh start); what the files hold past it was
+    logged by a run that died before saving it, and is dropped, since this run logs those steps again."""
 
-    def __init__(self, out: Path, tensorboard: bool):
+    def __init__(self, out: Path, tensorboard: bool, start_step: int = 0):
+        for name in ("metrics.jsonl", "completions.jsonl"):
+            cut_log(out / name, start_step)
         self.metrics = (out / "metrics.jsonl").open("a")
         self.completions = (out / "completions.jsonl").open("a")
         self.tb = None
@@ -597,7 +601,8 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(out / "tensorboard"))
+                # TensorBoard hides the events of steps >= purge_step written before this one: those being redone.
+                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
             except ImportError:
                 self.tb = None
 
