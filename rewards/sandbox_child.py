@@ -154,7 +154,7 @@ def make_audit_hook(root):
 
 
 def probe(job, result_fd, net_before):
-    """Report the sandbox's state (uid, limits, network namespace) as one JSON line."""
+    """Report the sandbox's state (uid, limits, network namespace, what ``/`` holds) as one JSON line."""
     names = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE")
     report = {
         "uid": os.getuid(),
@@ -165,6 +165,7 @@ def probe(job, result_fd, net_before):
         "limits": {n: list(resource.getrlimit(getattr(resource, n))) for n in names},
         "net_namespace": net_before,
         "audit_hook": True,
+        "root_entries": sorted(os.listdir("/")),
     }
     os.write(result_fd, (json.dumps(report) + "\n").encode())
 
@@ -245,6 +246,7 @@ def main():
         net_namespace = os.readlink("/proc/self/ns/net")
     except OSError:
         net_namespace = None
+    os.environ.pop("PWD", None)  # bubblewrap always sets it; the run's environment stays empty
     apply_limits(job["limits"])
     drop_privileges(job.get("uid"))
     root = os.path.realpath(os.getcwd())
