@@ -187,6 +187,10 @@ def run_program(code):
     os._exit(status)
 
 
+def _on_cpu_limit(signum, frame):
+    os._exit(128 + signum)
+
+
 def _on_alarm(signum, frame):
     raise TimeoutError("test timed out")
 
@@ -247,6 +251,9 @@ def main():
     except OSError:
         net_namespace = None
     os.environ.pop("PWD", None)  # bubblewrap always sets it; the run's environment stays empty
+    # Under bubblewrap this process is its pid namespace's init, for which SIGXCPU's default action
+    # (terminate) does not apply: end at the soft CPU limit here (the hard limit's SIGKILL still does).
+    signal.signal(signal.SIGXCPU, _on_cpu_limit)
     apply_limits(job["limits"])
     drop_privileges(job.get("uid"))
     root = os.path.realpath(os.getcwd())
