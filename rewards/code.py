@@ -53,6 +53,10 @@ CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
 TEST_COLUMNS = ("test_cases", "tests", "test_list", "input_output", "verification_info")
 """Dataset columns tried, in order, for a sample's tests when the reward is not told which to use."""
 PYTHON_FENCES = ("python", "py", "python3", "")
+PYTHON_FLAGS = (sys.executable, "-I", "-S", "-B")
+"""``-S``: no ``site`` import, whose ``.pth`` files (editable installs' finders) took half a run's start-up."""
+SITE_PATHS = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
+"""Put on the child's ``sys.path`` instead, so installed packages (numpy) still import."""
 
 
 @dataclass(frozen=True)
@@ -271,7 +275,12 @@ def run_sandboxed(
             files = {name: stack.enter_context(tempfile.TemporaryFile(dir=root)) for name in names}
             files["job"].write(
                 json.dumps(
-                    {**job, "uid": uid if mode == "setuid" else None, "limits": asdict(limits)}
+                    {
+                        **job,
+                        "uid": uid if mode == "setuid" else None,
+                        "limits": asdict(limits),
+                        "site_paths": SITE_PATHS,
+                    }
                 ).encode()
             )
             files["stdin"].write(stdin.encode())
@@ -283,13 +292,13 @@ def run_sandboxed(
             if view != "none":
                 staging = root / "staging"
                 staging.mkdir()
-                argv = [sys.executable, "-I", "-B", CHILD_PATH, *fds]
+                argv = [*PYTHON_FLAGS, CHILD_PATH, *fds]
                 command = build_command(view, str(work), str(CHILD_SCRIPT), argv, str(staging))
             else:
                 command = [*network_isolation_prefix()]
                 if mode == "setpriv" and uid is not None:
                     command += _setpriv_prefix(shutil.which("setpriv") or "setpriv", uid)
-                command += [sys.executable, "-I", "-B", str(CHILD_SCRIPT), *fds]
+                command += [*PYTHON_FLAGS, str(CHILD_SCRIPT), *fds]
             proc = subprocess.Popen(
                 command,
                 stdin=files["stdin"],

@@ -3,7 +3,7 @@
 It reads its job from an inherited descriptor (then closes it), lowers its resource limits, drops root to the job's
 unprivileged uid, installs an audit hook that refuses new processes, sockets, native-code loading and
 writes outside the working directory, and only then runs the solution. It is run as a script
-(``python -I sandbox_child.py JOB_FD RESULT_FD``) and imports nothing from the ``rewards`` package.
+(``python -I -S sandbox_child.py JOB_FD RESULT_FD``) and imports nothing from the ``rewards`` package.
 """
 
 import builtins
@@ -250,6 +250,7 @@ def main():
         net_namespace = os.readlink("/proc/self/ns/net")
     except OSError:
         net_namespace = None
+    sys.path.extend(p for p in job.get("site_paths", ()) if p not in sys.path)  # run with -S: no .pth files
     os.environ.pop("PWD", None)  # bubblewrap always sets it; the run's environment stays empty
     # Under bubblewrap this process is its pid namespace's init, for which SIGXCPU's default action
     # (terminate) does not apply: end at the soft CPU limit here (the hard limit's SIGKILL still does).

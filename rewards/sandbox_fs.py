@@ -130,7 +130,7 @@ def unshare_command(work: str, child_script: str, argv: list[str], staging: str)
     return [
         unshare, "--mount", "--pid", "--fork", "--kill-child", "--net", "--ipc", "--uts",
         "--propagation", "private", "--",
-        sys.executable, "-I", "-B", str(MOUNT_SCRIPT), spec, "--", *argv,
+        sys.executable, "-I", "-S", "-B", str(MOUNT_SCRIPT), spec, "--", *argv,
     ]  # fmt: skip
 
 
@@ -164,7 +164,7 @@ def _probe(mode: str) -> tuple[bool, str]:
         check = base / "check.py"
         # As root, the child drops to another uid before importing: check that the Python install is readable then.
         check.write_text("import os\nif os.geteuid() == 0:\n    os.setgid(65534)\n    os.setuid(65534)\nimport json\n")
-        argv = [sys.executable, "-I", "-B", CHILD_PATH]
+        argv = [sys.executable, "-I", "-S", "-B", CHILD_PATH]
         command = build_command(mode, str(base / "work"), str(check), argv, str(base / "staging"))
         done = subprocess.run(command, capture_output=True, timeout=30, env={}, check=False)
         if done.returncode == 0:
