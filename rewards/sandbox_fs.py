@@ -45,8 +45,8 @@ MOUNT_SCRIPT = Path(__file__).with_name("sandbox_mount.py")
 INSTALL_HINT = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)"
 
 
-class SandboxUnavailable(RuntimeError):
-    """Strict containment was required but this machine cannot provide it."""
+class SandboxUnavailable(ValueError):
+    """Strict containment was required but this machine cannot provide it (a setting it cannot honour)."""
 
 
 def python_roots() -> list[str]:

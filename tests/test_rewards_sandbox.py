@@ -23,7 +23,7 @@ import rewards
 from grpo.config import RecipeError, load_recipe
 from rewards import sandbox_fs
 from rewards.code import SandboxLimits, run_program, sandbox_report
-from rewards.sandbox_fs import SandboxUnavailable, require_strict, sandbox_mode
+from rewards.sandbox_fs import SandboxUnavailable, describe, require_strict, sandbox_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = SandboxLimits(cpu_seconds=1, wall_seconds=3.0)
@@ -122,6 +122,7 @@ def test_report_lists_the_mode_and_what_is_visible(mode):
     assert set(report["root_entries"]) <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc",
                                            "root", "home", "opt", "sandbox", "sbin", "usr"}
     assert set(report["env"]) <= {"LC_CTYPE"}
+    assert describe().startswith(f"code sandbox: {mode}: the code sees only ") and "/sandbox/work (rw)" in describe()
     if os.geteuid() == 0:
         assert report["uid"] != 0 and report["privileges"] == "setuid"
 
@@ -164,6 +165,16 @@ def test_strict_refuses_to_run_uncontained_and_says_what_to_install(monkeypatch)
         require_strict("reward_sandbox")
     with pytest.raises(SandboxUnavailable, match="code reward option sandbox: strict"):
         rewards.get("code", sandbox="strict")
+
+
+def test_check_rewards_refuses_a_strict_recipe_where_the_sandbox_is_uncontained(monkeypatch, capsys):
+    from grpo.cli import main
+
+    monkeypatch.setitem(sandbox_fs._checked, "bwrap", (False, "bwrap is not installed"))
+    monkeypatch.setitem(sandbox_fs._checked, "unshare", (False, "unshare --mount needs root"))
+    recipe = ROOT / "recipes" / "ci_tiny.yaml"
+    assert main(["check-rewards", str(recipe), "reward_sandbox=strict", "--n", "2"]) == 2
+    assert "reward_sandbox: strict needs a sandbox that hides the filesystem" in capsys.readouterr().err
 
 
 def test_recipes_require_strict_with_reward_sandbox(tmp_path):
