@@ -197,6 +197,10 @@ def why_not_contained() -> str:
     return "; ".join(f"{m}: {available(m)[1]}" for m in ("bwrap", "unshare"))
 
 
+def _why_none() -> str:
+    return f"forced by {ENV}=none" if setting() == "none" else why_not_contained()
+
+
 def require_strict(key: str) -> str:
     """Return the contained mode this machine gives; raise :class:`SandboxUnavailable` naming ``key`` if none."""
     for mode in ("bwrap", "unshare"):
@@ -233,7 +237,7 @@ def sandbox_mode() -> str:
             "it still cannot write outside its working directory, use the network, start processes or "
             "exceed its limits. To contain reads, %s; to refuse running without it set %s=strict "
             "(a recipe: reward_sandbox: strict).",
-            "forced by " + ENV if wanted == "none" else why_not_contained(),
+            _why_none(),
             INSTALL_HINT,
             ENV,
         )
@@ -245,7 +249,7 @@ def describe() -> str:
     mode = sandbox_mode()
     if mode == "none":
         return (
-            f"code sandbox: none: NOT contained, the code can read every file its uid can ({why_not_contained()}); "
+            f"code sandbox: none: NOT contained, the code can read every file its uid can ({_why_none()}); "
             f"{INSTALL_HINT} to hide the filesystem"
         )
     return f"code sandbox: {mode}: the code sees only {', '.join(visible_roots())}"
