@@ -170,17 +170,22 @@ def cmd_check_rewards(args: argparse.Namespace) -> int:
     """Scores the recipe's rewards on gold answers written as ideal completions and on shuffled wrong
     ones: a broken reward shows before training (gold should get full marks, wrong ones zero)."""
     import rewards
+    from rewards.sandbox_fs import describe, require_strict
 
     from .config import load_recipe
     from .data import load_rows
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.reward_sandbox == "strict":
+        require_strict("reward_sandbox")
     d = recipe.data
     rows = load_rows(d.source, split=d.split, limit=max(args.n, 2), seed=recipe.seed, task_options=d.task_options,
                      field_map=d.field_map)
     entries = [{"reward": r.name, "weight": r.weight, "options": r.options} for r in recipe.rewards]
     report = rewards.check_rewards(rewards.RewardSet.from_config(entries), rows, n=args.n)
     print(report.format())
+    if recipe.reward_sandbox == "strict" or any(r.name == "code" for r in recipe.rewards):
+        print(describe())
     return 1 if report.problems() else 0
 
 

@@ -160,6 +160,9 @@ class Recipe:
     sft: SFTSection = field(default_factory=SFTSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
     reward_on_error: Literal["raise", "none"] = "raise"
+    # The code reward's sandbox: auto hides the filesystem where this machine allows (bubblewrap, or unshare
+    # as root) and else warns; strict refuses to start without that (rewards/sandbox_fs.py).
+    reward_sandbox: Literal["auto", "strict"] = "auto"
 
     def validate(self) -> None:
         def need(ok: bool, key: str, msg: str) -> None:

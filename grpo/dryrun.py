@@ -20,6 +20,7 @@ import torch
 import rewards as rewards_lib
 from model import CausalLM, ModelConfig
 from model.presets import preset_config
+from rewards.sandbox_fs import describe, require_strict
 
 from .config import Recipe, RecipeError
 from .data import check_columns, load_rows
@@ -264,11 +265,15 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
                           f"{context}")
 
     # Rewards: gold answers should get full marks (what `grpo check-rewards` does, on these rows).
+    if recipe.reward_sandbox == "strict":
+        require_strict("reward_sandbox")
     entries = [{"reward": r.name, "weight": r.weight, "options": r.options} for r in recipe.rewards]
     report = rewards_lib.check_rewards(rewards_lib.RewardSet.from_config(entries), rows, n=len(rows))
     out("rewards, on the rows' gold answers and shuffled wrong ones:")
     for line in report.format().splitlines():
         out(f"  {line}")
+    if recipe.reward_sandbox == "strict" or any(r.name == "code" for r in recipe.rewards):
+        out(describe())
 
     # Resources.
     mem = estimate_memory(cfg, size, recipe, longest)

@@ -21,6 +21,7 @@ import rewards as rewards_lib
 from model import CausalLM, build_model, load_pretrained
 from model.presets import preset_config
 from model.tokenizer import build_char_tokenizer, load_tokenizer
+from rewards.sandbox_fs import require_strict
 
 from . import distributed
 from .advantages import group_advantages
@@ -192,6 +193,8 @@ class GRPOTrainer:
         rows = load_rows(d.source, split=d.split, limit=d.limit, seed=recipe.seed, task_options=d.task_options,
                          field_map=d.field_map)
         check_columns(rows, ["prompt"], d.source)
+        if recipe.reward_sandbox == "strict":
+            require_strict("reward_sandbox")
         self.rewards = rewards_lib.RewardSet.from_config(
             [{"reward": r.name, "weight": r.weight, "options": r.options} for r in recipe.rewards],
             on_error=recipe.reward_on_error)

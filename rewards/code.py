@@ -1,6 +1,8 @@
 """Code reward: run the completion's Python code against test cases in a sandboxed subprocess.
 
-Each run happens in a fresh process with: an empty environment; an empty temporary working
+Each run happens in a fresh process with: a filesystem view of its own (``rewards.sandbox_fs``: its
+empty working directory, the Python install and /usr, nothing else; built by bubblewrap, or by
+``unshare --mount`` as root); an empty environment; an empty temporary working
 directory (the only place it may write); CPU-time, address-space, file-size, open-file and
 process-count limits; root dropped to a throw-away uid; its own network namespace when ``unshare``
 is allowed (no network at all); an audit hook refusing new processes, sockets, ``ctypes`` and writes
@@ -8,7 +10,8 @@ outside the working directory; and a wall-clock timeout after which its whole pr
 every process of its uid are killed.
 
 What it does not stop: native code the solution manages to load despite the hook can escape the
-Python-level rules, but not the uid, the limits or the network namespace.
+Python-level rules, but not the uid, the limits, the filesystem view or the network namespace. Where
+no filesystem view can be built (mode ``none``, warned once), the code can read what its uid can read.
 """
 
 from __future__ import annotations
@@ -37,11 +40,23 @@ from typing import Any, Literal
 from rewards.base import RewardFn, Score, column, completion_text, logger, named
 from rewards.extract import answer_section
 from rewards.registry import register
+from rewards.sandbox_fs import (
+    CHILD_PATH,
+    SandboxUnavailable,  # noqa: F401  (raised by sandbox_mode and require_strict; importable from here)
+    build_command,
+    require_strict,
+    sandbox_mode,
+    visible_roots,
+)
 
 CHILD_SCRIPT = Path(__file__).with_name("sandbox_child.py")
 TEST_COLUMNS = ("test_cases", "tests", "test_list", "input_output", "verification_info")
 """Dataset columns tried, in order, for a sample's tests when the reward is not told which to use."""
 PYTHON_FENCES = ("python", "py", "python3", "")
+PYTHON_FLAGS = (sys.executable, "-I", "-S", "-B")
+"""``-S``: no ``site`` import, whose ``.pth`` files (editable installs' finders) took half a run's start-up."""
+SITE_PATHS = list(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
+"""Put on the child's ``sys.path`` instead, so installed packages (numpy) still import."""
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,27 @@ def _kill_uid(uid: int) -> None:
             continue
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _stop_namespace(proc: subprocess.Popen) -> None:
+    """Kill a contained run's namespace init (bwrap's or unshare's child) and let its parent reap it.
+
+    The kernel then kills every process in the namespace. Killing the whole process group at once
+    would orphan that init as a zombie under an init process that may never reap it.
+    """
+    for child in _children(proc.pid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(child, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
 def _kill_group(pid: int) -> None:
     try:
         os.killpg(pid, signal.SIGKILL)
@@ -167,7 +203,12 @@ def privilege_mode() -> str:
     """How a run stops being root: ``setuid`` (the child drops to a throw-away uid itself), ``setpriv``
     (started as that uid, keeping only the right to read files, for a Python installed where other
     users cannot read it), or ``none`` (not root, or neither works here). Checked once.
+
+    In a filesystem view (``sandbox_mode()`` not ``none``) the Python install is readable by any uid,
+    so root always drops with ``setuid`` and no capability that reads past file permissions is kept.
     """
+    if os.geteuid() == 0 and sandbox_mode() != "none":
+        return "setuid"
     with _prefix_lock:
         if "mode" not in _prefixes:
             mode = "none"
@@ -217,6 +258,7 @@ def run_sandboxed(
     job, stdin, stdout, stderr and result channel are unlinked temporary files passed as descriptors,
     so the solution cannot find them by path.
     """
+    view = sandbox_mode()
     mode = privilege_mode()
     root = Path(tempfile.mkdtemp(prefix="rewards-sandbox-"))
     uid = _allocate_uid() if mode != "none" else None
@@ -233,7 +275,12 @@ def run_sandboxed(
             files = {name: stack.enter_context(tempfile.TemporaryFile(dir=root)) for name in names}
             files["job"].write(
                 json.dumps(
-                    {**job, "uid": uid if mode == "setuid" else None, "limits": asdict(limits)}
+                    {
+                        **job,
+                        "uid": uid if mode == "setuid" else None,
+                        "limits": asdict(limits),
+                        "site_paths": SITE_PATHS,
+                    }
                 ).encode()
             )
             files["stdin"].write(stdin.encode())
@@ -241,10 +288,17 @@ def run_sandboxed(
                 files[name].flush()
                 files[name].seek(0)
             job_fd, result_fd = files["job"].fileno(), files["results"].fileno()
-            command = [*network_isolation_prefix()]
-            if mode == "setpriv" and uid is not None:
-                command += _setpriv_prefix(shutil.which("setpriv") or "setpriv", uid)
-            command += [sys.executable, "-I", "-B", str(CHILD_SCRIPT), str(job_fd), str(result_fd)]
+            fds = [str(job_fd), str(result_fd)]
+            if view != "none":
+                staging = root / "staging"
+                staging.mkdir()
+                argv = [*PYTHON_FLAGS, CHILD_PATH, *fds]
+                command = build_command(view, str(work), str(CHILD_SCRIPT), argv, str(staging))
+            else:
+                command = [*network_isolation_prefix()]
+                if mode == "setpriv" and uid is not None:
+                    command += _setpriv_prefix(shutil.which("setpriv") or "setpriv", uid)
+                command += [*PYTHON_FLAGS, str(CHILD_SCRIPT), *fds]
             proc = subprocess.Popen(
                 command,
                 stdin=files["stdin"],
@@ -261,6 +315,8 @@ def run_sandboxed(
             except subprocess.TimeoutExpired:
                 returncode, timed_out = None, True
             finally:
+                if view != "none":
+                    _stop_namespace(proc)
                 _kill_group(proc.pid)
                 if uid is not None:
                     _kill_uid(uid)
@@ -289,9 +345,12 @@ def run_program(code: str, stdin: str = "", limits: SandboxLimits = SandboxLimit
 
 
 def sandbox_report(limits: SandboxLimits = SandboxLimits()) -> dict[str, Any]:
-    """Return what a sandboxed process sees: its uid, environment, limits and network namespace.
+    """Return what a sandboxed process sees: its uid, environment, limits, network namespace and files.
 
-    Also ``parent_net_namespace``, to compare: a different value means the run had no network.
+    Also ``parent_net_namespace``, to compare: a different value means the run had no network;
+    ``mode``, the filesystem containment (``bwrap``, ``unshare`` or ``none``: see ``rewards.sandbox_fs``);
+    ``visible``, the paths bound into its view (``["/ (everything its uid may read)"]`` in ``none``);
+    and ``root_entries``, what the run itself lists in ``/``.
     """
     result = run_sandboxed({"mode": "probe"}, "", limits)
     if not result.records:
@@ -303,6 +362,9 @@ def sandbox_report(limits: SandboxLimits = SandboxLimits()) -> dict[str, Any]:
         report["parent_net_namespace"] = os.readlink("/proc/self/ns/net")
     except OSError:
         report["parent_net_namespace"] = None
+    report["mode"] = sandbox_mode()
+    report["privileges"] = privilege_mode()
+    report["visible"] = visible_roots() if report["mode"] != "none" else ["/ (everything its uid may read)"]
     return report
 
 
@@ -490,6 +552,7 @@ def make_code_reward(
     wall_seconds: float = 10.0,
     memory_mb: int = 1024,
     parallel: int | None = None,
+    sandbox: str = "auto",
 ) -> RewardFn:
     """Build the code reward: run each completion's last Python block against the sample's tests.
 
@@ -499,11 +562,17 @@ def make_code_reward(
         scoring: ``fraction`` (share of tests passed) or ``all`` (1.0 only if every test passes).
         cpu_seconds, wall_seconds, memory_mb: limits of each sandboxed run (see :class:`SandboxLimits`).
         parallel: how many completions run at once (default: the CPU count).
+        sandbox: ``auto`` (hide the filesystem where this machine allows, else warn and run) or
+            ``strict`` (refuse to build the reward where it cannot: :class:`SandboxUnavailable`).
 
     A completion without a fenced code block scores 0.0.
     """
     if scoring not in ("fraction", "all"):
         raise ValueError(f"scoring must be 'fraction' or 'all', got {scoring!r}")
+    if sandbox not in ("auto", "strict"):
+        raise ValueError(f"code reward option sandbox must be 'auto' or 'strict', got {sandbox!r}")
+    if sandbox == "strict":
+        require_strict("code reward option sandbox")
     limits = SandboxLimits(cpu_seconds=cpu_seconds, wall_seconds=wall_seconds, memory_bytes=memory_mb << 20)
     columns_tried = (tests_column,) if tests_column else TEST_COLUMNS
     workers = parallel or os.cpu_count() or 1

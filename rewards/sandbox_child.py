@@ -3,7 +3,7 @@
 It reads its job from an inherited descriptor (then closes it), lowers its resource limits, drops root to the job's
 unprivileged uid, installs an audit hook that refuses new processes, sockets, native-code loading and
 writes outside the working directory, and only then runs the solution. It is run as a script
-(``python -I sandbox_child.py JOB_FD RESULT_FD``) and imports nothing from the ``rewards`` package.
+(``python -I -S sandbox_child.py JOB_FD RESULT_FD``) and imports nothing from the ``rewards`` package.
 """
 
 import builtins
@@ -154,7 +154,7 @@ def make_audit_hook(root):
 
 
 def probe(job, result_fd, net_before):
-    """Report the sandbox's state (uid, limits, network namespace) as one JSON line."""
+    """Report the sandbox's state (uid, limits, network namespace, what ``/`` holds) as one JSON line."""
     names = ("RLIMIT_CPU", "RLIMIT_AS", "RLIMIT_FSIZE", "RLIMIT_NOFILE", "RLIMIT_NPROC", "RLIMIT_CORE")
     report = {
         "uid": os.getuid(),
@@ -165,6 +165,7 @@ def probe(job, result_fd, net_before):
         "limits": {n: list(resource.getrlimit(getattr(resource, n))) for n in names},
         "net_namespace": net_before,
         "audit_hook": True,
+        "root_entries": sorted(os.listdir("/")),
     }
     os.write(result_fd, (json.dumps(report) + "\n").encode())
 
@@ -184,6 +185,10 @@ def run_program(code):
             with contextlib.suppress(BaseException):
                 stream.flush()
     os._exit(status)
+
+
+def _on_cpu_limit(signum, frame):
+    os._exit(128 + signum)
 
 
 def _on_alarm(signum, frame):
@@ -245,6 +250,11 @@ def main():
         net_namespace = os.readlink("/proc/self/ns/net")
     except OSError:
         net_namespace = None
+    sys.path.extend(p for p in job.get("site_paths", ()) if p not in sys.path)  # run with -S: no .pth files
+    os.environ.pop("PWD", None)  # bubblewrap always sets it; the run's environment stays empty
+    # Under bubblewrap this process is its pid namespace's init, for which SIGXCPU's default action
+    # (terminate) does not apply: end at the soft CPU limit here (the hard limit's SIGKILL still does).
+    signal.signal(signal.SIGXCPU, _on_cpu_limit)
     apply_limits(job["limits"])
     drop_privileges(job.get("uid"))
     root = os.path.realpath(os.getcwd())
