@@ -219,7 +219,9 @@ def test_the_backend_and_dtype_chosen_on_each_cpu_kind(monkeypatch):
     with pytest.raises(ValueError, match="cannot take weight updates"):
         vllm_backend.cpu_attention_backend("bfloat16", "AMX_MLA", updatable_weights=True)
     monkeypatch.setattr(vllm_backend, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(vllm_backend, "cpu_has_bf16_dot", lambda: False)
     assert vllm_backend.default_dtype(on_cpu=True) == "float32"
+    assert vllm_backend.default_dtype(on_cpu=False) == "bfloat16"
     assert vllm_backend.cpu_attention_backend("bfloat16", None, updatable_weights=False) == "CPU_MLA"
     with pytest.raises(ValueError, match="needs a CPU with AMX"):
         vllm_backend.cpu_attention_backend("bfloat16", "AMX_MLA", updatable_weights=False)
