@@ -19,7 +19,7 @@ from model import CausalLM
 from .block_manager import BlockManager
 from .model_runner import ModelRunner
 from .outputs import Completion, RequestOutput
-from .sampler import sample
+from .sampler import SAMPLERS, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
@@ -33,11 +33,21 @@ class Engine:
     record_routing: return each completion's expert choices (`Completion.routed_experts`), so that the
         trainer can replay them (routing replay: the training forward uses the experts that sampled).
     compile: run decode steps through graphs compiled ahead of time (`CausalLM.compile_decode`).
+    sampler: where the sampling noise comes from (`grpo.rollout.sampler`): "generator" (a CPU
+        `torch.Generator` per sequence) or "counter" (a hash of seed, position and token; no generator
+        objects, no host sync). None: "counter" when the model is on CUDA, else "generator", so CPU runs
+        sample exactly as they always have. Both keep a seeded completion independent of its batch.
     """
 
     def __init__(self, model: CausalLM, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  cache_memory_bytes: int = 256 * 1024**2, max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
-                 seed: int = 0, record_routing: bool = False, compile: bool = False):
+                 seed: int = 0, record_routing: bool = False, compile: bool = False, sampler: str | None = None):
+        if sampler is None:
+            sampler = "counter" if model.lm_head.weight.device.type == "cuda" else "generator"
+        if sampler not in SAMPLERS:
+            raise ValueError(f"Engine(sampler={sampler!r}): allowed are {', '.join(map(repr, SAMPLERS))} "
+                             "or None (counter on CUDA, generator elsewhere)")
+        self.sampler = sampler
         self.model, self.tokenizer = model, tokenizer
         self.compile = compile
         self._compile_if_asked(model)
@@ -102,7 +112,9 @@ class Engine:
             for row, seq in enumerate(batch):
                 if seq.fan_out:  # a prompt: fork it into its samples, each taking a first token
                     for request, k, sp in seq.fan_out:
-                        child = Sequence(seq.token_ids, sp, request, k, self._generator(sp, k))
+                        child = Sequence(seq.token_ids, sp, request, k, self._stream_seed(sp, k))
+                        if child.seed is not None and self.sampler == "generator":
+                            child.generator = torch.Generator().manual_seed(child.seed)
                         self.block_manager.fork(seq, child)
                         child.num_cached, child.status = seq.num_cached, Status.RUNNING
                         child.routing = list(seq.routing)
@@ -115,7 +127,7 @@ class Engine:
                         scheduler.running.append(seq)
                     rows.append(row)
                     seqs.append(seq)
-            tokens, logprobs = sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs])
+            tokens, logprobs = self._sample(logits[rows], seqs)
             for seq, token, logprob in zip(seqs, tokens, logprobs):
                 seq.append(token, logprob)
                 reason = self._finish_reason(seq)
@@ -142,11 +154,23 @@ class Engine:
             raise ValueError(f"request {index}: one sequence of up to {longest} tokens needs {blocks} cache blocks but "
                              f"the pool has {self.num_blocks}; raise cache_memory_bytes")
 
-    def _generator(self, sp: SamplingParams, k: int) -> torch.Generator | None:
+    def _stream_seed(self, sp: SamplingParams, k: int) -> int | None:
+        """Sample k's own seed in [0, 2**63): from SamplingParams.seed when given, else from the engine's."""
         if sp.greedy:
             return None
         seed = (sp.seed * 1_000_003 + k) if sp.seed is not None else self.seed_source.getrandbits(63)
-        return torch.Generator().manual_seed(seed % (2**63))
+        return seed % (2**63)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
+        """logits [B, V] for seqs -> their next tokens and log-probs, with the engine's sampler."""
+        params = [s.params for s in seqs]
+        if self.sampler == "generator":
+            return sample(logits, params, [s.generator for s in seqs])
+        # Greedy rows take seed 0: their noise is computed and ignored.
+        seeds = torch.tensor([s.seed or 0 for s in seqs], dtype=torch.int64)
+        positions = torch.tensor([s.num_completion_tokens for s in seqs], dtype=torch.int64)
+        return sample(logits, params, seeds=seeds.to(logits.device, non_blocking=True),
+                      positions=positions.to(logits.device, non_blocking=True))
 
     def _finish_reason(self, seq: Sequence) -> str | None:
         sp, token = seq.params, seq.token_ids[-1]

@@ -1,6 +1,12 @@
 """Turns the last position's logits into the next token of each sequence: temperature, top-k, top-p and
-min-p filtering, then a draw from each sequence's own generator (so a seeded completion samples the same
-tokens whatever it is batched with). Pure tensor functions."""
+min-p filtering, then an exponential race whose noise belongs to each sequence alone (so a seeded completion
+samples the same tokens whatever it is batched with). The noise comes from one of two samplers:
+
+- "generator": each sequence's own `torch.Generator` (a CPU generator: the CPU default, and what every
+  recorded CPU result used);
+- "counter": a hash of (the sequence's seed, the position it draws for, the token), computed from tensors
+  alone: no generator objects, no host sync, capturable in a CUDA graph (the CUDA default).
+"""
 
 from __future__ import annotations
 
@@ -27,10 +33,59 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
     return filtered / filtered.sum(dim=-1, keepdim=True)
 
 
+SAMPLERS = ("generator", "counter")
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32) and a 32-bit constant c, without any int64 overflow: c is
+    split into 16-bit halves, so no product exceeds 2**48 (signed overflow is undefined on some backends)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche (the lowbias32 finalizer) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """seeds [B] int64 (any value, 63 bits used), positions [B] int64 -> uniforms [B, V] float32 in (0, 1).
+
+    Element (b, v) is a function of (seeds[b], positions[b], v) alone: the same whatever else is in the batch,
+    with no generator state. Tensors in, tensors out; every op is elementwise (graph-capturable)."""
+    seeds, positions = seeds.to(torch.int64), positions.to(torch.int64)
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    row = _mix32(_mix32(_mix32(lo ^ 0x243F6A88) ^ hi) ^ (positions & _MASK32))  # [B]
+    v = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
+    x = _mix32(_mix32(row[:, None] ^ _mul32(v, 0x9E3779B9)[None, :]) ^ 0x85A308D3)  # [B, V]
+    # The top 24 bits, centred in their bin: exactly representable in float32, never 0 or 1.
+    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def counter_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """seeds [B], positions [B] -> Exp(1) noise [B, V] (float32), keyed as in `counter_uniform`."""
+    return -torch.log(counter_uniform(seeds, positions, vocab_size))
+
+
 def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator | None]) -> tuple[list[int], list[float]]:
+           generators: list[torch.Generator | None] | None = None, *,
+           seeds: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
     """logits [B, V] -> (token ids, their log-probabilities under log_softmax(logits / temperature);
-    plain log_softmax for greedy rows)."""
+    plain log_softmax for greedy rows).
+
+    The noise: `generators` (one per row, None for greedy rows), or the counter sampler's `seeds` [B] and
+    `positions` [B] (int64: each row's stream seed and the index of the token it draws)."""
+    if (generators is None) == (seeds is None):
+        raise ValueError("sample() needs exactly one source of noise: generators (the generator sampler) or "
+                         "seeds and positions (the counter sampler)")
+    if seeds is not None and positions is None:
+        raise ValueError("the counter sampler needs positions [B] beside seeds [B]")
     logits = logits.float()
     temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
     logprobs = torch.log_softmax(logits / temperature[:, None], dim=-1)
@@ -45,9 +100,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
                 torch.tensor([p.top_p for p in params], device=logits.device, dtype=torch.float32),
                 torch.tensor([p.min_p for p in params], device=logits.device, dtype=torch.float32))
         # Exponential race: argmax(p / E) with E ~ Exp(1) picks token i with probability p_i. Each row
-        # draws its noise from its own generator, so a seeded sequence samples alike in any batch.
-        noise = torch.stack([torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
-                             for gen in generators])
+        # draws its noise from its own generator or counter, so a seeded sequence samples alike in any batch.
+        if seeds is not None:
+            noise = counter_exponential(seeds.to(probs.device), positions.to(probs.device), probs.shape[1])
+        else:
+            noise = torch.stack([torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
+                                 for gen in generators])
         sampled = (probs / noise).argmax(dim=-1)
         tokens = torch.where(torch.tensor(greedy, device=tokens.device), tokens, sampled)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]

@@ -20,13 +20,14 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, request_index: int = -1,
-                 sample_index: int = -1, generator: torch.Generator | None = None):
+                 sample_index: int = -1, seed: int | None = None):
         self.seq_id = next(Sequence._ids)
         self.token_ids = list(prompt_ids)
         self.prompt_len = len(prompt_ids)
         self.params = params
         self.request_index, self.sample_index = request_index, sample_index
-        self.generator = generator
+        self.seed = seed  # the sampling stream's seed (None: greedy)
+        self.generator: torch.Generator | None = None  # the generator sampler's state, seeded from seed
         self.logprobs: list[float] = []
         self.block_table: list[int] = []
         self.num_cached = 0  # tokens whose latents are in the cache
