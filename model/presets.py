@@ -23,6 +23,12 @@ PRESETS: dict[str, dict[str, Any]] = {
                       num_attention_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
                       n_group=2, topk_group=1, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=96,
                       qk_rope_head_dim=64, qk_nope_head_dim=32, v_head_dim=32, max_position_embeddings=1024),
+    # DeepSeek-V2-Lite's shapes (2048 wide, 16 heads, no query LoRA, 64 routed experts top-6 + 2 shared) in 4
+    # layers, for benchmarks on a GPU (bench/gpu.py): the real model's per-layer work, a few GB of weights.
+    "v2-lite-shaped": dict(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, num_hidden_layers=4,
+                           num_attention_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+                           n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=512, q_lora_rank=None,
+                           qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, max_position_embeddings=4096),
 }
 
 

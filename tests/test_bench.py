@@ -46,3 +46,22 @@ def test_grpo_step_bench_reports_a_failed_trl_and_measures_ours():
     assert result["ours_s_per_step"] > 0 and result["trl_s_per_step"] is None and result["speedup"] is None
     assert result["failed"]["trl"]  # made to fail, or not installed: either way a reason
     assert result["cpu"]["model"]
+
+
+@pytest.mark.slow
+def test_gpu_bench_on_a_cpu_checks_correctness_and_survives_a_failing_section():
+    result = run_bench("gpu.py", "--device", "cpu", "--tiny", "--threads", "2", "--fail-section", "train")
+    assert result["device"]["type"] == "cpu" and result["device"]["name"] and result["device"]["torch"]
+    parity = result["sections"]["parity"]
+    assert parity["fp32_ok"] and parity["fp32_max_abs_diff"] < 1e-4
+    assert 0 < parity["bf16_rel_error_ours"] < 0.2  # bfloat16's rounding, stated, not zero
+    assert result["sections"]["greedy"]["equal"]
+    logprobs = result["sections"]["logprobs"]
+    assert logprobs["float32"]["max_abs_diff"] < 1e-4
+    assert logprobs["bfloat16"]["max_abs_diff"] < 0.5
+    rollout = result["sections"]["rollout"]
+    assert rollout["ours_tokens_per_s"] > 0 and rollout["decode"]["floor_s"] > 0
+    # The section made to fail is null with its reason; the one --tiny leaves out says so; the rest ran.
+    assert result["sections"]["train"] is None and "on purpose" in result["failed"]["train"]
+    assert result["sections"]["grpo"] is None and "--tiny" in result["failed"]["grpo"]
+    assert set(result["failed"]) == {"train", "grpo"}
