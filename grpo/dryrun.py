@@ -22,7 +22,7 @@ from model import CausalLM, ModelConfig
 from model.presets import preset_config
 
 from .config import Recipe, RecipeError
-from .data import check_columns, load_rows
+from .data import check_columns
 from .evaluation import encode_prompt, load_eval_rows
 from .logprobs import CHUNK_SIZE
 from .rollout.vllm_backend import DEFAULT_MAX_MODEL_LEN
@@ -214,7 +214,7 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
     Raises RecipeError / DataError / FileNotFoundError / ConfigError (all ValueErrors or OSErrors) with a
     message naming what is wrong.
     """
-    from .trainer import build_tokenizer
+    from .build import build_rewards, build_rows, build_tokenizer
 
     d = recipe.data
     out(f"recipe: valid; {recipe.max_steps} steps x {recipe.prompts_per_step} prompts x "
@@ -238,8 +238,7 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
 
     # Data: a few rows, the columns, one rendered prompt, the longest prompt against the context.
     limit = SAMPLE_ROWS if d.limit is None else min(d.limit, SAMPLE_ROWS)
-    rows = load_rows(d.source, split=d.split, limit=limit, seed=recipe.seed, task_options=d.task_options,
-                     field_map=d.field_map)
+    rows = build_rows(recipe, limit=limit)
     check_columns(rows, ["prompt"], d.source)
     prompts = [render_prompt(row, d.template, tokenizer) for row in rows]
     out(f"data: {d.source} (split {d.split}): {len(rows)} rows checked; columns {', '.join(rows[0])}")
@@ -264,8 +263,7 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
                           f"{context}")
 
     # Rewards: gold answers should get full marks (what `grpo check-rewards` does, on these rows).
-    entries = [{"reward": r.name, "weight": r.weight, "options": r.options} for r in recipe.rewards]
-    report = rewards_lib.check_rewards(rewards_lib.RewardSet.from_config(entries), rows, n=len(rows))
+    report = rewards_lib.check_rewards(build_rewards(recipe, on_error="raise"), rows, n=len(rows))
     out("rewards, on the rows' gold answers and shuffled wrong ones:")
     for line in report.format().splitlines():
         out(f"  {line}")

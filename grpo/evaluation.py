@@ -744,9 +744,9 @@ def evaluate_policy(
     generation and its training mode restored afterwards. Other arguments: see :func:`evaluate`.
     """
     if engine is None:
-        from .rollout.engine import Engine
+        from .build import build_engine
 
-        engine = Engine(model, tokenizer, seed=seed)
+        engine = build_engine(model, tokenizer, seed=seed)
     was_training = bool(getattr(model, "training", False))
     model.eval()
     try:

@@ -4,8 +4,8 @@ group-relative advantages, update the policy, log, checkpoint. Losses and advant
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -17,91 +17,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import rewards as rewards_lib
-from model import CausalLM, build_model, load_pretrained
-from model.presets import preset_config
-from model.tokenizer import build_char_tokenizer, load_tokenizer
+from model import CausalLM, load_pretrained
 
 from . import distributed
 from .advantages import group_advantages
-from .checkpointing import cut_log, latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from .build import (
+    build_engine,
+    build_optimizer,
+    build_policy,
+    build_reference,
+    build_rewards,
+    build_rollout_engine,
+    build_rows,
+    build_tokenizer,
+    compute_precision,
+)
+from .checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from .config import Recipe, RecipeError, recipe_to_dict
-from .data import PromptSampler, check_columns, load_rows
+from .data import PromptSampler, check_columns
 from .evaluation import encode_prompt, evaluate_policy, load_eval_rows
 from .logprobs import token_logprobs, token_logprobs_and_entropy
+from .logs import MetricsLogger
 from .losses import policy_loss, truncated_is_weights
 from .rollout import SamplingParams
 from .templates import render_prompt
-
-
-# ----- building the pieces -----------------------------------------------------------------------------------
-def build_tokenizer(recipe: Recipe):
-    m = recipe.model
-    if m.tokenizer and m.tokenizer != "char":
-        return load_tokenizer(m.tokenizer)
-    if m.tokenizer is None and m.path and (Path(m.path) / "tokenizer_config.json").exists():
-        return load_tokenizer(m.path)
-    return build_char_tokenizer()
-
-
-def build_policy(recipe: Recipe, tokenizer) -> CausalLM:
-    """The trained model, in float32 whatever `model.dtype` says: these are the master weights that
-    AdamW updates (a bf16 weight would round away an update of lr 1e-6). See `compute_precision`."""
-    m = recipe.model
-    if m.path:
-        return load_pretrained(m.path, dtype=torch.float32)
-    cfg = preset_config(m.preset, vocab_size=len(tokenizer), num_nextn_predict_layers=m.mtp, **m.overrides)
-    return build_model(cfg, seed=recipe.seed)
-
-
-def compute_precision(recipe: Recipe, model: CausalLM):
-    """The training forward's precision: `model.dtype: bfloat16` runs matmuls in bf16 under autocast over
-    the float32 master weights (the router stays in float32); float32 changes nothing."""
-    if recipe.model.dtype != "bfloat16":
-        return contextlib.nullcontext()
-    return torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16)
-
-
-def build_engine(recipe: Recipe, model: CausalLM, tokenizer, rank: int = 0):
-    r = recipe.rollout
-    if r.backend == "vllm":
-        from .rollout.vllm_backend import VLLMEngine
-
-        # vLLM starts from a checkpoint on disk (the policy as it is now); later weights reach it in place.
-        start = Path(recipe.output_dir) / ("rollout_start" if rank == 0 else f"rollout_start-rank{rank}")
-        model.save_pretrained(start)
-        tokenizer.save_pretrained(start)
-        # The policy's dtype: vLLM's own default here is float32, twice the memory of a bf16 model.
-        return VLLMEngine(start, dtype=recipe.model.dtype, kv_cache_memory_bytes=r.cache_memory_mb * 1024**2,
-                          seed=recipe.seed, tokenizer=tokenizer)
-    from .rollout.engine import Engine
-
-    return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
-                  max_num_seqs=r.max_num_seqs, seed=recipe.seed, record_routing=recipe.algorithm.routing_replay,
-                  compile=r.compile)
-
-
-def adamw(params, lr: float, betas, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW as one fused kernel over all tensors (fused=False: the multi-tensor foreach update, for FSDP's
-    sharded parameters). PyTorch's default on a CPU is a loop of a dozen ops per tensor. On the tiny model's
-    60 tensors a step takes 26 ms that way, 17 ms with foreach and 5 ms fused. The fused kernel does not move
-    the weights' version counters, so the rollout engine re-derives its weights at every generate call."""
-    kind = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kind)
-
-
-def lr_factor(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0):
-    """The learning-rate multiplier per step: linear warmup, then constant or cosine down to min_ratio."""
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
 
 
 def rollout_seed(seed: int, step: int, round_: int, row: int) -> int:
@@ -189,12 +128,9 @@ class GRPOTrainer:
         torch.manual_seed(recipe.seed)
         self.tokenizer = build_tokenizer(recipe)
         d = recipe.data
-        rows = load_rows(d.source, split=d.split, limit=d.limit, seed=recipe.seed, task_options=d.task_options,
-                         field_map=d.field_map)
+        rows = build_rows(recipe)
         check_columns(rows, ["prompt"], d.source)
-        self.rewards = rewards_lib.RewardSet.from_config(
-            [{"reward": r.name, "weight": r.weight, "options": r.options} for r in recipe.rewards],
-            on_error=recipe.reward_on_error)
+        self.rewards = build_rewards(recipe)
         self.prompt_text = [render_prompt(row, d.template, self.tokenizer) for row in rows]
         self.prompt_tokens = [self._encode(t) for t in self.prompt_text]
         self.rows = rows
@@ -211,7 +147,7 @@ class GRPOTrainer:
         state = self._load_checkpoint() if resume else None
         self.reference = None
         if recipe.algorithm.beta > 0:
-            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            self.reference = build_reference(self.policy)
             if state is not None and "reference" in state:
                 self.reference.load_state_dict(state["reference"])
         if recipe.optim.compile:
@@ -219,18 +155,16 @@ class GRPOTrainer:
                 if model is not None:
                     model.compile_blocks()
         self._wrap(recipe.parallel if world_size > 1 else None)
-        o = recipe.optim
-        # Built after wrapping: FSDP replaces the parameters by their shards.
-        self.optimizer = adamw(self.policy.parameters(), o.lr, o.betas, o.weight_decay,
-                               fused=not (world_size > 1 and recipe.parallel == "fsdp"))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(o.warmup_steps, recipe.max_steps, o.schedule, o.min_lr_ratio))
-        self.sampler = PromptSampler(len(rows), recipe.prompts_per_step, seed=recipe.seed, rank=world_rank,
+        # Built after wrapping: FSDP replaces the parameters by their shards. (Checkpoints keep the keys
+        # "scheduler" and "sampler" for these two.)
+        self.optimizer, self.lr_schedule = build_optimizer(
+            recipe, self.policy, fused=not (world_size > 1 and recipe.parallel == "fsdp"))
+        self.prompt_sampler = PromptSampler(len(rows), recipe.prompts_per_step, seed=recipe.seed, rank=world_rank,
                                      world_size=world_size)
         self.step = 0
         if state is not None:
             self._restore(state)
-        self.engine = build_engine(recipe, self.rollout_policy, self.tokenizer, rank=world_rank)
+        self.engine = build_rollout_engine(recipe, self.rollout_policy, self.tokenizer, rank=world_rank)
 
     def _wrap(self, parallel: str | None) -> None:
         """Sets up the three views of the policy:
@@ -278,8 +212,8 @@ class GRPOTrainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         distributed.load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.lr_schedule.load_state_dict(state["scheduler"])
+        self.prompt_sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
 
@@ -316,7 +250,7 @@ class GRPOTrainer:
         its own share; the ranks draw further batches from the sampler together, until none is short (a
         rank already full skips generating), so their samplers stay in step."""
         a, G = self.recipe.algorithm, self.recipe.sampling.num_generations
-        indices = self.sampler.next_indices()
+        indices = self.prompt_sampler.next_indices()
         ro = self.rollout(indices)
         if not a.dynamic_sampling:
             return ro, {}
@@ -327,7 +261,7 @@ class GRPOTrainer:
             short = sum(len(k.completion_ids) for k in kept) // G < want
             if not distributed.any_rank(short):
                 break
-            more = self.sampler.next_indices()
+            more = self.prompt_sampler.next_indices()
             if short:
                 ro_more = self.rollout(more, rounds)
                 kept.append(self._select_groups(ro_more, self._groups_with_signal(ro_more)))
@@ -467,7 +401,7 @@ class GRPOTrainer:
             grad_norm = distributed.clip_grad_norm(self.policy.parameters(), r.optim.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        self.lr_schedule.step()
         if a.router_bias_update_speed > 0:
             self._update_router_bias(a.router_bias_update_speed)
         self._sync_rollout_policy()
@@ -494,7 +428,7 @@ class GRPOTrainer:
             "rollout/logprob_abs_diff": sums.pop("mismatch") / max(sums.pop("mismatch_tokens"), 1),
             **{k: v / denom for k, v in sums.items()},
             "grad_norm": grad_norm,
-            "learning_rate": self.scheduler.get_last_lr()[0],
+            "learning_rate": self.lr_schedule.get_last_lr()[0],
             "time/rollout_s": t_rollout, "time/ref_old_logprobs_s": t_ref, "time/update_s": t_update,
             "time/step_s": time.perf_counter() - t0,
             "time/elapsed_s": time.perf_counter() - self.started,
@@ -547,9 +481,10 @@ class GRPOTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """Greedy pass@1 and format compliance on the held-out rows, graded like the rewards grade."""
-        from .rollout.engine import Engine
-
-        engine = self.engine if isinstance(self.engine, Engine) else None
+        # An engine with its own copy of the weights (vLLM) is left to rollouts: ours evaluates the policy itself.
+        engine = self.engine if self.engine.runs_model_in_place else build_engine(
+            self.rollout_policy, self.tokenizer, dataclasses.replace(self.recipe.rollout, backend="ours"),
+            seed=self.recipe.seed)
         return evaluate_policy(self.rollout_policy, self.tokenizer, self.eval_rows, self.recipe.data.template, engine=engine,
                                max_tokens=self.recipe.sampling.max_completion_length, seed=self.recipe.seed)
 
@@ -560,8 +495,8 @@ class GRPOTrainer:
         optimizer = distributed.optimizer_state(self.policy, self.optimizer)
         path = None
         if self.rank == 0:
-            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                     "sampler": self.sampler.state_dict()}
+            state = {"optimizer": optimizer, "scheduler": self.lr_schedule.state_dict(),
+                     "sampler": self.prompt_sampler.state_dict()}
             if self.reference is not None:
                 state["reference"] = self.reference.state_dict()
             path = save_checkpoint(self.out, self.step, self.rollout_policy, self.tokenizer, state,
@@ -584,44 +519,3 @@ def _concat_rollouts(parts: list[Rollout]) -> Rollout:
         {k: [x for p in parts for x in p.per_function[k]] for k in first.per_function},
         [x for p in parts for x in p.texts], [x for p in parts for x in p.prompts],
         [x for p in parts for x in p.routing])
-
-
-class MetricsLogger:
-    """One JSON line per step (metrics.jsonl), TensorBoard when installed, sample completions (completions.jsonl).
-    start_step: the checkpoint's step the run resumes from (0: a fresh start); what the files hold past it was
-    logged by a run that died before saving it, and is dropped, since this run logs those steps again."""
-
-    def __init__(self, out: Path, tensorboard: bool, start_step: int = 0):
-        for name in ("metrics.jsonl", "completions.jsonl"):
-            cut_log(out / name, start_step)
-        self.metrics = (out / "metrics.jsonl").open("a")
-        self.completions = (out / "completions.jsonl").open("a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                # TensorBoard hides the events of steps >= purge_step written before this one: those being redone.
-                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
-            except ImportError:
-                self.tb = None
-
-    def log(self, metrics: dict[str, Any]) -> None:
-        self.metrics.write(json.dumps(metrics) + "\n")
-        self.metrics.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, metrics["step"])
-
-    def log_completions(self, step: int, ro: Rollout, k: int) -> None:
-        for i in range(min(k, len(ro.texts))):
-            self.completions.write(json.dumps({"step": step, "prompt": ro.prompts[i], "completion": ro.texts[i],
-                                               "reward": float(ro.rewards[i])}) + "\n")
-        self.completions.flush()
-
-    def close(self) -> None:
-        self.metrics.close()
-        self.completions.close()
-        if self.tb is not None:
-            self.tb.close()

@@ -26,7 +26,7 @@ from .sequence import Sequence, Status
 
 
 class Engine:
-    """Generates completions with our DeepSeek-V3 model over a paged latent KV cache.
+    """Generates completions with our DeepSeek-V3 model over a paged latent KV cache (a `RolloutEngine`).
 
     cache_memory_bytes: the pool's size (rounded down to whole blocks); or give num_blocks.
     tokenizer: needed for stop strings and returned text; its eos_token_id ends sequences.
@@ -54,6 +54,16 @@ class Engine:
             eos = cfg.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.last_stats: dict[str, int] = {}
+
+    #: It generates with the model object it was given, so the trainer's optimizer steps need no push.
+    runs_model_in_place = True
+
+    @property
+    def records_routing(self) -> bool:
+        return self.runner.record_routing
+
+    def close(self) -> None:
+        """Nothing to release: the KV cache is freed with the engine."""
 
     def update_weights(self, model: CausalLM | None = None) -> None:
         """The engine already runs the trainer's model in place; pass a different model object to swap."""
