@@ -112,7 +112,7 @@ logging: {{save_every: 1000, tensorboard: false, progress_bar: false}}
 def test_trainer_replays_the_rollout_routing_after_the_router_moved(tmp_path):
     trainer = GRPOTrainer(load_recipe(tiny_recipe(tmp_path, replay=True)))
     ro, _ = trainer.collect()
-    batch = trainer._batch(ro, list(range(len(ro.completion_ids))))
+    batch = ro.micro_batch(list(range(len(ro.completion_ids))), routing_replay=True)
     rollout_lp = batch["rollout_logprobs"]
     perturb_router(trainer.policy)  # the router moved between sampling and training
     policy = trainer.policy
@@ -144,7 +144,7 @@ def test_bfloat16_computes_in_bf16_and_updates_float32_master_weights(tmp_path):
     trainer = GRPOTrainer(recipe)
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
     ro, _ = trainer.collect()
-    batch = trainer._batch(ro, list(range(len(ro.completion_ids))))
+    batch = ro.micro_batch(list(range(len(ro.completion_ids))), routing_replay=True)
     with torch.no_grad():
         bf16_lp, _ = trainer.completion_logprobs(trainer.policy, batch)
     fp32_lp = batch["rollout_logprobs"]  # the engine ran the same float32 weights without autocast
