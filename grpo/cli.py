@@ -188,9 +188,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from model.tokenizer import load_tokenizer
 
     from .build import build_engine
-    from .evaluation import encode_prompt
     from .rollout import SamplingParams
-    from .templates import render_prompt
+    from .templates import encode_prompt, render_prompt
 
     model = load_pretrained(args.model).eval()
     tok = load_tokenizer(args.tokenizer or args.model)

@@ -21,12 +21,12 @@ import rewards as rewards_lib
 from model import CausalLM, ModelConfig
 from model.presets import preset_config
 
+from .benchmarks import load_eval_rows
 from .config import Recipe, RecipeError
 from .data import check_columns
-from .evaluation import encode_prompt, load_eval_rows
 from .logprobs import CHUNK_SIZE
 from .rollout.vllm_backend import DEFAULT_MAX_MODEL_LEN
-from .templates import render_prompt
+from .templates import encode_prompt, render_prompt
 
 GB = 1e9  # decimal gigabytes: the docs do the same arithmetic
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -52,7 +52,7 @@ def model_size(cfg: ModelConfig) -> ModelSize:
     """Parameter counts of the model `cfg` describes, from shapes alone (built on the meta device)."""
     with torch.device("meta"):
         model = CausalLM(cfg)
-    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
     return ModelSize(model.num_parameters(), model.num_parameters(active=True),
                      model.model.embed_tokens.weight.numel(), max(layers))
 

@@ -11,10 +11,12 @@ from typing import Any
 
 from model import load_pretrained
 
+from .benchmarks import load_eval_rows
 from .build import build_engine, build_tokenizer
 from .checkpointing import latest_checkpoint
 from .config import Recipe
-from .evaluation import evaluate, load_eval_rows, paired_standard_error
+from .estimators import paired_standard_error
+from .evaluation import evaluate
 from .sft import SFTTrainer
 from .trainer import GRPOTrainer
 

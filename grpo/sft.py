@@ -86,7 +86,7 @@ class SFTTrainer:
             ids, mask = self.batch()
             with compute_precision(self.recipe, self.model):
                 hidden = self.model.hidden_states(ids)
-                logits = self.model.lm_head(self.model.model.norm(hidden))
+                logits = self.model.logits(hidden)
             target_mask = mask[:, 1:]
             ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                                  reduction="none").view_as(target_mask)

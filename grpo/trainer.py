@@ -22,6 +22,7 @@ from model import CausalLM, load_pretrained
 from . import distributed
 from .advantages import GroupAdvantages, group_advantages
 from .batch import Rollout, RolloutStats
+from .benchmarks import load_eval_rows
 from .build import (
     build_engine,
     build_optimizer,
@@ -36,12 +37,12 @@ from .build import (
 from .checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from .config import Recipe, RecipeError, recipe_to_dict
 from .data import PromptSampler, check_columns
-from .evaluation import encode_prompt, evaluate_policy, load_eval_rows
+from .evaluation import evaluate_policy
 from .logprobs import token_logprobs, token_logprobs_and_entropy
 from .logs import MetricsLogger
 from .losses import policy_loss, truncated_is_weights
 from .rollout import SamplingParams
-from .templates import render_prompt
+from .templates import encode_prompt, render_prompt
 
 
 def rollout_seed(seed: int, step: int, round_: int, row: int) -> int:
@@ -66,7 +67,7 @@ class CompletionLogprobs(nn.Module):
         token_index [N] the flat positions of the real tokens (the feed-forward skips the padding)."""
         m, temperature = self.model, self.recipe.sampling.temperature
         with compute_precision(self.recipe, m):
-            hidden = m.model.norm(m.hidden_states(ids, routing=routing, token_index=token_index))  # [B, L, D]
+            hidden = m.final_norm(m.hidden_states(ids, routing=routing, token_index=token_index))  # [B, L, D]
             h = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, D]
             if entropy:
                 lp, ent = token_logprobs_and_entropy(h, m.lm_head.weight, targets, temperature)
@@ -138,7 +139,7 @@ class GRPOTrainer:
         if parallel == "fsdp":
             self.rollout_policy = copy.deepcopy(self.policy)
         module = CompletionLogprobs(self.policy, self.recipe)
-        self.train_model = distributed.wrap(module, parallel, self.policy.model.layers) if parallel else module
+        self.train_model = distributed.wrap(module, parallel, self.policy.layers) if parallel else module
         self.old_model = CompletionLogprobs(self.rollout_policy, self.recipe)
         self.reference_model = CompletionLogprobs(self.reference, self.recipe) if self.reference else None
 

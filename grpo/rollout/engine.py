@@ -72,7 +72,7 @@ class Engine:
             self._compile_if_asked(model)
 
     def _compile_if_asked(self, model: CausalLM) -> None:
-        if self.compile and model.model.compiled_decode is None:
+        if self.compile and model.compiled_decode is None:
             model.compile_decode(verbose=True)
 
     # ----- the generate loop ----------------------------------------------------------------------------
