@@ -205,6 +205,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `grpo` command line: one flat declaration per subcommand and option (longer than 60 lines because
+    argparse declarations are a list, which reads best in one place)."""
     parser = argparse.ArgumentParser(prog="grpo", description="The DeepSeek-R1 recipe: GRPO on DeepSeek-V3.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("new-model", help="build a fresh, randomly initialized model and tokenizer")

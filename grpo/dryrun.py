@@ -213,6 +213,8 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
     Returns 0 when everything checks, 1 when the rewards look broken on the data's gold answers.
     Raises RecipeError / DataError / FileNotFoundError / ConfigError (all ValueErrors or OSErrors) with a
     message naming what is wrong.
+    Longer than 60 lines on purpose: the checks run in the order their report prints, so the function reads
+    as the report does (recipe, model, tokenizer, data, context, rewards, resources).
     """
     from .build import build_rewards, build_rows, build_tokenizer
 

@@ -189,6 +189,7 @@ def evaluate(
     use_tqdm: bool = False,
 ) -> EvalResult:
     """Sample ``n`` completions per row with ``engine``, grade them, and compute the metrics.
+    (Over 60 lines: half of it is this docstring; the body is one pass: render, generate, grade, aggregate.)
 
     Args:
         engine: an object with ``generate(prompt_token_ids, params)`` (:class:`grpo.rollout.engine.Engine`

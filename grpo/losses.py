@@ -261,6 +261,9 @@ def policy_loss(
     entropy:        [B, T] the policy's entropy at each position (differentiable; `token_logprobs_and_entropy`).
     rollout_is_weights: [B, T] `truncated_is_weights`, constants.
 
+    This function is over 60 lines because this docstring is the loss's whole contract (shapes, formulas,
+    metrics); the code is one pass of tensor operations, the per-token term coming from `POLICY_LOSSES`.
+
     Returns (loss, metrics): loss a float32 scalar; metrics detached float32 scalars, means over this
     call's valid tokens, with TRL's names:
         "clip_ratio/low_mean"     fraction of tokens with r < 1 - epsilon and A < 0 (clipped below)

@@ -79,7 +79,8 @@ class Engine:
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """prompts: token ids per request; params: one for all or one per request.
-        Returns, per request in order, its n completions."""
+        Returns, per request in order, its n completions. (One loop from requests to outputs, kept whole so
+        the data flow reads in one place: schedule, run, sample, append, finish.)"""
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
