@@ -4,12 +4,10 @@ filter. Pure functions of tensors; nothing here needs gradients."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-
-ScaleRewards = Literal["group", "batch", "none"]
 
 #: Added to the standard deviation before dividing, as TRL does, so a group of (nearly) equal rewards
 #: gives advantages of (nearly) zero instead of dividing by zero.
@@ -36,6 +34,47 @@ class GroupAdvantages:
     group_std: torch.Tensor
     has_signal: torch.Tensor
     metrics: dict[str, torch.Tensor]
+
+
+# ----- the registry of advantage estimators -----------------------------------------------------------------
+#: An estimator maps (rewards [num_groups, G], their group means [num_groups], group stds [num_groups], eps)
+#: to (advantages [num_groups, G], the reward std to log); `group_advantages` then zeroes the groups
+#: without signal.
+AdvantageEstimator = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+#: algorithm.scale_rewards -> its estimator; the recipe's allowed values are these keys.
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {}
+
+
+def register_advantage_estimator(name: str) -> Callable[[AdvantageEstimator], AdvantageEstimator]:
+    """Decorator: register an estimator (see `AdvantageEstimator`) as `algorithm.scale_rewards: name`."""
+
+    def register(fn: AdvantageEstimator) -> AdvantageEstimator:
+        if name in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"an advantage estimator named {name!r} is already registered")
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return register
+
+
+@register_advantage_estimator("group")
+def group_scaled(grouped: torch.Tensor, group_mean: torch.Tensor, group_std: torch.Tensor, eps: float):
+    """GRPO (DeepSeekMath): A = (R - group mean) / (group std + eps)."""
+    return (grouped - group_mean[:, None]) / (group_std[:, None] + eps), group_std.mean()
+
+
+@register_advantage_estimator("batch")
+def batch_scaled(grouped: torch.Tensor, group_mean: torch.Tensor, group_std: torch.Tensor, eps: float):
+    """A = (R - group mean) / (batch std + eps): the std of all rewards in the batch, the mean the group's."""
+    batch_std = grouped.std()
+    return (grouped - group_mean[:, None]) / (batch_std + eps), batch_std
+
+
+@register_advantage_estimator("none")
+def unscaled(grouped: torch.Tensor, group_mean: torch.Tensor, group_std: torch.Tensor, eps: float):
+    """Dr. GRPO: A = R - group mean, no division by a std."""
+    return grouped - group_mean[:, None], group_std.mean()
 
 
 def _grouped(rewards: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -90,14 +129,14 @@ def group_advantages(
     rewards: torch.Tensor,
     group_size: int | None = None,
     *,
-    scale_rewards: ScaleRewards = "group",
+    scale_rewards: str = "group",
     eps: float = EPS,
 ) -> GroupAdvantages:
     """Return GRPO's group-relative advantages of `rewards`.
 
     rewards: [num_groups * G] ordered group by group (the G completions of the first prompt, then the
              second's, ...) with `group_size` = G, or [num_groups, G].
-    scale_rewards:
+    scale_rewards: a key of `ADVANTAGE_ESTIMATORS`:
         "group": A = (R - group mean) / (group std + eps)   (GRPO, DeepSeekMath)
         "batch": A = (R - group mean) / (batch std + eps), the std of all rewards in the batch
                  (the mean is still the group's)
@@ -107,24 +146,14 @@ def group_advantages(
     equal floats can differ from them in the last bit, which the division would otherwise magnify).
     For "batch", pass the rewards of the whole global batch (all ranks): its std is a batch statistic.
     """
-    if scale_rewards not in ("group", "batch", "none"):
-        raise ValueError(f"scale_rewards must be 'group', 'batch' or 'none', got {scale_rewards!r}")
+    if scale_rewards not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"scale_rewards must be one of {sorted(ADVANTAGE_ESTIMATORS)}, got {scale_rewards!r}")
     grouped = _grouped(rewards, group_size)
     grouped = grouped.to(torch.promote_types(grouped.dtype, torch.float32))  # ints -> float32, float64 kept
     group_mean = grouped.mean(dim=1)
     group_std = grouped.std(dim=1)
-    has_signal = grouped.amax(dim=1) != grouped.amin(dim=1)
-    centred = grouped - group_mean[:, None]
-    if scale_rewards == "group":
-        advantages = centred / (group_std[:, None] + eps)
-        reward_std = group_std.mean()
-    elif scale_rewards == "batch":
-        batch_std = grouped.std()
-        advantages = centred / (batch_std + eps)
-        reward_std = batch_std
-    else:
-        advantages = centred
-        reward_std = group_std.mean()
+    has_signal = groups_with_signal(grouped)
+    advantages, reward_std = ADVANTAGE_ESTIMATORS[scale_rewards](grouped, group_mean, group_std, eps)
     advantages = torch.where(has_signal[:, None], advantages, torch.zeros_like(advantages))
     metrics = {
         "reward": grouped.mean().detach(),

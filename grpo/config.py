@@ -6,15 +6,27 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
+
+from .advantages import ADVANTAGE_ESTIMATORS
+from .losses import POLICY_LOSSES, ImportanceSamplingLevel, KLEstimator
 
 
 class RecipeError(ValueError):
     """A recipe key or value that is not allowed."""
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """`Annotated[str, OneOf(registry)]`: a field whose allowed values are a registry's keys, read when a
+    recipe is checked, so the registry is the one place the names are written."""
+
+    registry: Mapping[str, Any]
 
 
 @dataclass
@@ -73,13 +85,13 @@ class RolloutSection:
 
 @dataclass
 class AlgorithmSection:
-    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
-    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_type: Annotated[str, OneOf(POLICY_LOSSES)] = "dapo"  # grpo, bnpo, dr_grpo, dapo, cispo (grpo/losses.py)
+    scale_rewards: Annotated[str, OneOf(ADVANTAGE_ESTIMATORS)] = "group"  # group, batch, none (grpo/advantages.py)
     epsilon: float = 0.2
     epsilon_high: float | None = None  # clip-higher (DAPO uses 0.28); default: epsilon
-    importance_sampling_level: Literal["token", "sequence"] = "token"
+    importance_sampling_level: ImportanceSamplingLevel = "token"
     beta: float = 0.0  # KL to a frozen reference; 0 builds no reference model
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: KLEstimator = "k3"
     num_iterations: int = 1  # mu: updates per generation
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, refill from more prompts
     max_sampling_rounds: int = 3
@@ -200,6 +212,14 @@ class Recipe:
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Checks `value` against the type hint `hint`, building nested dataclasses; names `key` on error."""
     origin = get_origin(hint)
+    if origin is Annotated:
+        base, *extras = get_args(hint)
+        value = _coerce(value, base, key)
+        for extra in extras:
+            if isinstance(extra, OneOf) and value not in extra.registry:
+                allowed = ", ".join(map(repr, extra.registry))
+                raise RecipeError(f"{key}: {value!r} is not allowed; allowed: {allowed}")
+        return value
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
@@ -250,7 +270,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in data.items():

@@ -20,14 +20,14 @@ import torch
 import rewards as rewards_lib
 from model import CausalLM, ModelConfig
 from model.presets import preset_config
-from rewards.sandbox_fs import describe, require_strict
+from rewards.sandbox_fs import describe as sandbox_description
 
+from .benchmarks import load_eval_rows
 from .config import Recipe, RecipeError
-from .data import check_columns, load_rows
-from .evaluation import encode_prompt, load_eval_rows
+from .data import check_columns
 from .logprobs import CHUNK_SIZE
 from .rollout.vllm_backend import DEFAULT_MAX_MODEL_LEN
-from .templates import render_prompt
+from .templates import encode_prompt, render_prompt
 
 GB = 1e9  # decimal gigabytes: the docs do the same arithmetic
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -53,7 +53,7 @@ def model_size(cfg: ModelConfig) -> ModelSize:
     """Parameter counts of the model `cfg` describes, from shapes alone (built on the meta device)."""
     with torch.device("meta"):
         model = CausalLM(cfg)
-    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.model.layers]
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.layers]
     return ModelSize(model.num_parameters(), model.num_parameters(active=True),
                      model.model.embed_tokens.weight.numel(), max(layers))
 
@@ -214,8 +214,10 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
     Returns 0 when everything checks, 1 when the rewards look broken on the data's gold answers.
     Raises RecipeError / DataError / FileNotFoundError / ConfigError (all ValueErrors or OSErrors) with a
     message naming what is wrong.
+    Longer than 60 lines on purpose: the checks run in the order their report prints, so the function reads
+    as the report does (recipe, model, tokenizer, data, context, rewards, resources).
     """
-    from .trainer import build_tokenizer
+    from .build import build_rewards, build_rows, build_tokenizer
 
     d = recipe.data
     out(f"recipe: valid; {recipe.max_steps} steps x {recipe.prompts_per_step} prompts x "
@@ -239,8 +241,7 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
 
     # Data: a few rows, the columns, one rendered prompt, the longest prompt against the context.
     limit = SAMPLE_ROWS if d.limit is None else min(d.limit, SAMPLE_ROWS)
-    rows = load_rows(d.source, split=d.split, limit=limit, seed=recipe.seed, task_options=d.task_options,
-                     field_map=d.field_map)
+    rows = build_rows(recipe, limit=limit)
     check_columns(rows, ["prompt"], d.source)
     prompts = [render_prompt(row, d.template, tokenizer) for row in rows]
     out(f"data: {d.source} (split {d.split}): {len(rows)} rows checked; columns {', '.join(rows[0])}")
@@ -265,15 +266,12 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
                           f"{context}")
 
     # Rewards: gold answers should get full marks (what `grpo check-rewards` does, on these rows).
-    if recipe.reward_sandbox == "strict":
-        require_strict("reward_sandbox")
-    entries = [{"reward": r.name, "weight": r.weight, "options": r.options} for r in recipe.rewards]
-    report = rewards_lib.check_rewards(rewards_lib.RewardSet.from_config(entries), rows, n=len(rows))
+    report = rewards_lib.check_rewards(build_rewards(recipe, on_error="raise"), rows, n=len(rows))
     out("rewards, on the rows' gold answers and shuffled wrong ones:")
     for line in report.format().splitlines():
         out(f"  {line}")
     if recipe.reward_sandbox == "strict" or any(r.name == "code" for r in recipe.rewards):
-        out(describe())
+        out(sandbox_description())
 
     # Resources.
     mem = estimate_memory(cfg, size, recipe, longest)

@@ -1,64 +1,48 @@
-"""Evaluation of a policy on reasoning benchmarks: pass@k, mean@n (R1's sampled pass@1), maj@k, format
-compliance and completion length, graded by the same reward functions that train the policy.
+"""The evaluation loop: sample n completions per benchmark problem, grade them, and report pass@k, mean@n
+(R1's sampled pass@1), maj@k, format compliance and completion length, overall and broken down by a column;
+then the summary table and files. ``grpo eval`` runs :func:`evaluate` on a checkpoint, and the trainer calls
+:func:`evaluate_policy` on a held-out set.
 
-Benchmarks are built-in tasks (their ``test`` split), benchmark files (GSM8K, MATH-500, AIME, AMC layouts
-are recognized), named benchmarks looked up in a data directory, or Hub datasets; ``grpo eval`` runs
-:func:`evaluate` on a checkpoint, and the trainer calls :func:`evaluate_policy` on a held-out set.
+The parts live by concept: the estimators in `grpo.estimators`, benchmark loading in `grpo.benchmarks`,
+grading in `grpo.grading`, prompt encoding in `grpo.templates`; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import rewards as rewards_lib
-from rewards.extract import EXTRACT_MODES, THINK_OPEN, extract_answers, gold_answer_text
-from rewards.math import answers_equivalent, grade_many
+from rewards.extract import THINK_OPEN
 
-from .data import DataError, check_columns, load_rows, rename_columns
+from .benchmarks import (
+    BENCHMARK_FILES,
+    HUB_BENCHMARKS,
+    benchmark_name,
+    data_dirs,
+    find_benchmark_file,
+    load_benchmark,
+    load_eval_rows,
+    normalize_benchmark_rows,
+    read_jsonl,
+)
+from .estimators import (
+    group_answers_many,
+    majority_at_k,
+    majority_vote,
+    math_equivalent_many,
+    mean_at_n,
+    paired_standard_error,
+    pass_at_k,
+)
+from .grading import Grader, auto_grader_name, grade_samples, resolve_grader
 from .rollout.sampling_params import SamplingParams
-from .tasks import TASKS, is_task
-from .templates import CHAT, render_prompt
+from .templates import encode_prompt, render_prompt
 
-if TYPE_CHECKING:
-    from .config import DataSection
-
-# ----- constants ------------------------------------------------------------------------------------------
-BENCHMARK_SEED = 0
-"""Generation seed of built-in task benchmarks (their ``test`` split is disjoint from training for any seed)."""
-DATA_DIR_VARIABLE = "GRPO_DATA_DIR"
-"""Environment variable: a directory searched first for named benchmarks (``gsm8k`` -> ``gsm8k_test.jsonl``)."""
-SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-"""The shared benchmark directory next to the repository, searched after :data:`DATA_DIR_VARIABLE`."""
-BENCHMARK_FILES: dict[str, tuple[str, ...]] = {
-    "gsm8k": ("gsm8k_test.jsonl", "gsm8k.jsonl"),
-    "math500": ("math500.jsonl", "math500_test.jsonl"),
-    "aime24": ("aime24.jsonl", "aime24_test.jsonl"),
-    "amc23": ("amc23.jsonl", "amc23_test.jsonl"),
-}
-"""Named benchmarks and the file names tried for each in the data directories; any other name ``x`` is
-looked up as ``x.jsonl`` and ``x_test.jsonl``."""
-HUB_BENCHMARKS: dict[str, tuple[str, str]] = {
-    "gsm8k": ("openai/gsm8k:main", "test"),
-    "math500": ("HuggingFaceH4/MATH-500", "test"),
-    "aime24": ("HuggingFaceH4/aime_2024", "train"),
-    "amc23": ("math-ai/amc23", "test"),
-}
-"""Hub datasets (``owner/name[:config]``, split) that named benchmarks fall back to when no file is found."""
-QUESTION_FIELDS = ("prompt", "problem", "question", "Problem", "Question", "input", "query")
-"""Columns tried, in order, for a benchmark's question."""
-ANSWER_FIELDS = ("answer", "Answer", "final_answer", "gold", "target_answer", "solution", "Solution")
-"""Columns tried, in order, for a benchmark's gold answer (a worked solution is reduced to its final answer)."""
 BREAKDOWN_FIELDS = ("level", "subject")
 """Columns broken down by automatically when every row has them (MATH-500's level and subject)."""
-MATH_GRADERS = ("accuracy", "math_accuracy", "gsm8k", "numeric")
-"""Graders whose answers are grouped by mathematical equivalence for maj@k; other graders group by string."""
 SAMPLE_FIELDS = (
     "problem", "sample", "prompt", "completion", "answer", "gold", "correct", "score", "format_ok", "length",
     "finish_reason",
@@ -71,455 +55,9 @@ answer), ``correct`` (the grader gave full marks), ``score`` (the grader's raw s
 not apply, e.g. an unparsable gold), ``format_ok`` (the R1 ``format`` reward is 1), ``length``
 (completion tokens, a final EOS included), ``finish_reason`` (``stop`` or ``length``)."""
 
-_FULL_MARKS = 1.0 - 1e-9
-_WHITESPACE = re.compile(r"\s+")
 
 
-# ----- estimators -----------------------------------------------------------------------------------------
-def _check_counts(n: int, c: int) -> None:
-    for name, value in (("n", n), ("c", c)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{name}={value!r} is not allowed; use an integer")
-    if n < 1:
-        raise ValueError(f"n={n} is not allowed; the number of samples must be >= 1")
-    if not 0 <= c <= n:
-        raise ValueError(f"c={c} is not allowed with n={n}; the number correct must be in [0, {n}]")
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Return the unbiased pass@k estimate from ``n`` samples of which ``c`` are correct (Chen et al. 2021).
-
-    pass@k = 1 - C(n-c, k) / C(n, k), the probability that a random k-subset of the n samples holds at
-    least one correct one, computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` (no large binomials).
-
-    Raises:
-        ValueError: ``n < 1``, ``c`` outside ``[0, n]``, or ``k`` outside ``[1, n]``.
-    """
-    _check_counts(n, c)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"k={k!r} is not allowed with n={n}; pass@k needs an integer k in [1, {n}]")
-    if n - c < k:
-        return 1.0
-    product = 1.0
-    for i in range(n - c + 1, n + 1):
-        product *= 1.0 - k / i
-    return 1.0 - product
-
-
-def mean_at_n(n: int, c: int) -> float:
-    """Return the fraction of ``n`` samples that are correct, ``c / n``: R1's pass@1 "with k sampled
-    responses" (mean@n), equal to :func:`pass_at_k` with ``k=1``."""
-    _check_counts(n, c)
-    return c / n
-
-
-def paired_standard_error(after: Sequence[float], before: Sequence[float]) -> float:
-    """Return the standard error of mean(after) - mean(before) over the same problems: the sample standard
-    deviation of the per-problem differences over sqrt(problems). Pairing removes the spread of problem
-    difficulty, which both checkpoints share, so a real gain stands out of far less noise than two
-    independent error bars would allow.
-
-    Raises:
-        ValueError: the two lists differ in length or hold fewer than 2 problems.
-    """
-    if len(after) != len(before) or len(after) < 2:
-        raise ValueError(f"paired_standard_error needs two equal-length lists of >= 2 problems, got "
-                         f"{len(after)} and {len(before)}")
-    diffs = [a - b for a, b in zip(after, before)]
-    mean = sum(diffs) / len(diffs)
-    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return math.sqrt(variance / len(diffs))
-
-
-def _same_string(a: str, b: str) -> bool:
-    return _WHITESPACE.sub("", a) == _WHITESPACE.sub("", b)
-
-
-EquivalentMany = Callable[[list[tuple[str, str]]], list[bool]]
-"""Batched equivalence: ``[(representative, answer), ...] -> [equal?, ...]`` (one round of grading)."""
-
-
-def math_equivalent_many(pairs: list[tuple[str, str]]) -> list[bool]:
-    """Batched :func:`rewards.math.answers_equivalent`: one :func:`rewards.math.grade_many` call, each
-    answer graded against its representative as the gold."""
-    if not pairs:
-        return []
-    return [r is True for r in grade_many([b for _, b in pairs], [a for a, _ in pairs])]
-
-
-def group_answers_many(
-    answer_lists: Sequence[Sequence[str | None]], equivalent_many: EquivalentMany
-) -> list[list[int | None]]:
-    """Group each problem's answers for majority voting; return a group id per sample (None: no answer).
-
-    Samples are taken in order; an answer joins the first group whose representative (first answer) it
-    equals up to whitespace, else the first for which ``equivalent_many`` says equal, else opens a new
-    group. The grouping of the first k samples is therefore the prefix of the grouping of all n. All
-    problems advance together, one ``equivalent_many`` call per sample position, so a batched grader
-    sees many pairs at once.
-    """
-    reps: list[list[int]] = [[] for _ in answer_lists]  # per problem: sample index of each group's representative
-    ids: list[list[int | None]] = [[None] * len(a) for a in answer_lists]
-    for t in range(max((len(a) for a in answer_lists), default=0)):
-        pending: list[int] = []
-        for p, answers in enumerate(answer_lists):
-            if t >= len(answers) or answers[t] is None:
-                continue
-            answer = answers[t]
-            hit = next((g for g, r in enumerate(reps[p]) if _same_string(answers[r] or "", answer or "")), None)
-            if hit is None and reps[p]:
-                pending.append(p)
-            elif hit is None:
-                reps[p].append(t)
-                ids[p][t] = 0
-            else:
-                ids[p][t] = hit
-        pairs = [(answer_lists[p][r] or "", answer_lists[p][t] or "") for p in pending for r in reps[p]]
-        verdicts = iter(equivalent_many(pairs))
-        for p in pending:
-            found = [next(verdicts) for _ in reps[p]]
-            if any(found):
-                ids[p][t] = found.index(True)
-            else:
-                reps[p].append(t)
-                ids[p][t] = len(reps[p]) - 1
-    return ids
-
-
-def majority_vote(groups: Sequence[int | None], correct: Sequence[bool], k: int) -> bool:
-    """Return whether the majority of the first ``k`` samples' groups (:func:`group_answers_many`) is correct:
-    most votes wins, a tie goes to the group voted for earliest, abstentions (None) do not count, no vote
-    at all fails; the winning group is correct when its first sample is."""
-    first: dict[int, int] = {}
-    votes: dict[int, int] = {}
-    for i, g in enumerate(groups[:k]):
-        if g is not None:
-            first.setdefault(g, i)
-            votes[g] = votes.get(g, 0) + 1
-    if not votes:
-        return False
-    winner = max(votes, key=lambda g: (votes[g], -first[g]))
-    return bool(correct[first[winner]])
-
-
-def majority_at_k(
-    answers: Sequence[str | None],
-    correct: Sequence[bool],
-    k: int,
-    *,
-    equivalent: Callable[[str, str], bool] = answers_equivalent,
-) -> bool:
-    """Return whether majority voting over the first ``k`` samples picks a correct answer (maj@k).
-
-    Rules:
-        - The first ``k`` samples vote (not an average over all k-subsets), so maj@k is reproducible and
-          maj@n uses every sample.
-        - Answers are grouped by ``equivalent(representative, answer)`` (default: mathematical
-          equivalence, :func:`rewards.math.answers_equivalent`, so ``1/2``, ``0.5`` and ``\\frac{1}{2}``
-          are one group); a group's representative is its first answer. Answers equal up to whitespace
-          always share a group.
-        - A sample with no answer (None) abstains. If every sample abstains, the vote fails (False).
-        - The group with the most votes wins; a tie goes to the group whose first vote came earliest.
-        - The winning group is correct when its representative sample is (``correct`` is the grader's
-          verdict per sample).
-
-    :func:`evaluate` applies the same rules to all problems at once (:func:`group_answers_many`, then
-    :func:`majority_vote`), batching the equivalence checks.
-
-    Raises:
-        ValueError: ``answers`` and ``correct`` differ in length, or ``k`` is outside ``[1, len(answers)]``.
-    """
-    if len(answers) != len(correct):
-        raise ValueError(f"majority_at_k got {len(answers)} answers but {len(correct)} correctness flags")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= len(answers):
-        m = len(answers)
-        raise ValueError(f"k={k!r} is not allowed with {m} samples; use an integer in [1, {m}]")
-    groups = group_answers_many([answers[:k]], lambda pairs: [equivalent(a, b) for a, b in pairs])[0]
-    return majority_vote(groups, correct, k)
-
-
-# ----- benchmarks -----------------------------------------------------------------------------------------
-def data_dirs() -> list[Path]:
-    """Return the directories searched for named benchmarks: ``$GRPO_DATA_DIR`` (when set), then
-    :data:`SHARED_DATA_DIR`."""
-    dirs = [Path(os.environ[DATA_DIR_VARIABLE]).expanduser()] if os.environ.get(DATA_DIR_VARIABLE) else []
-    return [*dirs, SHARED_DATA_DIR]
-
-
-def find_benchmark_file(name: str) -> Path | None:
-    """Return the file a named benchmark resolves to in :func:`data_dirs`, or None when there is none."""
-    candidates = BENCHMARK_FILES.get(name, (f"{name}.jsonl", f"{name}_test.jsonl"))
-    for directory in data_dirs():
-        for candidate in candidates:
-            if (directory / candidate).is_file():
-                return directory / candidate
-    return None
-
-
-def benchmark_name(name_or_file: str) -> str:
-    """Return a short name for a benchmark: the file's stem for a path, else the name itself."""
-    path = Path(name_or_file)
-    return path.stem if path.suffix else name_or_file.replace("/", "_").replace(":", "_")
-
-
-def _first_present(columns: Sequence[str], tried: Sequence[str]) -> str | None:
-    return next((c for c in tried if c in columns), None)
-
-
-def normalize_benchmark_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    """Return rows with ``prompt`` (the question) and ``answer`` (the gold answer text), other fields kept.
-
-    The question is the first of :data:`QUESTION_FIELDS` the rows have, the gold the first of
-    :data:`ANSWER_FIELDS`, reduced to its final answer (``#### N`` of GSM8K, the last ``\\boxed{}`` of a
-    worked solution, numbers as text). When the gold field was a worked solution, it is kept as
-    ``solution`` (unless the rows already have one).
-
-    Raises:
-        DataError: no question or answer column (the message lists the columns and the ones tried), or a
-            row whose gold answer is empty.
-    """
-    if not rows:
-        raise DataError(f"benchmark {source!r} has no rows")
-    columns = list(dict.fromkeys(k for row in rows[:100] for k in row))
-    question, answer = _first_present(columns, QUESTION_FIELDS), _first_present(columns, ANSWER_FIELDS)
-    if question is None or answer is None:
-        lacking = "question" if question is None else "answer"
-        tried = QUESTION_FIELDS if question is None else ANSWER_FIELDS
-        raise DataError(
-            f"benchmark {source!r} has no {lacking} column (tried {', '.join(tried)}); its columns are: "
-            f"{', '.join(columns)}. Map one with field_map, e.g. {{'my_question': 'prompt', 'my_gold': 'answer'}}"
-        )
-    check_columns(rows, [question, answer], source)
-    out = []
-    for i, row in enumerate(rows):
-        raw = row[answer]
-        gold = gold_answer_text(raw)
-        if gold is None:
-            raise DataError(
-                f"benchmark {source!r}, row {i}: the gold answer ({answer!r}) is empty or not text: {raw!r}"
-            )
-        extras = {k: v for k, v in row.items() if k not in (question, answer, "prompt", "answer")}
-        if isinstance(raw, str) and raw.strip() != gold and "solution" not in extras:
-            extras["solution"] = raw
-        out.append({"prompt": row[question], "answer": gold, **extras})
-    return out
-
-
-def read_jsonl(path: str | Path, limit: int | None = None) -> list[dict[str, Any]]:
-    """Return the first ``limit`` (all when None) JSON objects of a JSON-lines file, values as written
-    (``"025"`` stays a string, ``27.0`` a float); blank lines are skipped.
-
-    Raises:
-        DataError: a line that is not a JSON object (the message gives the line number).
-    """
-    rows: list[dict[str, Any]] = []
-    with Path(path).open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if limit is not None and len(rows) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{str(path)!r}, line {number}: not valid JSON ({exc})") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{str(path)!r}, line {number}: a {type(row).__name__}, not a JSON object")
-            rows.append(row)
-    return rows
-
-
-def _load_file(path: Path, split: str, limit: int | None) -> list[dict[str, Any]]:
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
-        raise DataError(f"limit={limit!r} is not allowed; use an integer >= 0 or None (all rows)")
-    if path.is_file() and path.suffix.lower() == ".jsonl":
-        return read_jsonl(path, limit)
-    return load_rows(str(path), split=split, limit=limit)
-
-
-def load_benchmark(
-    name_or_file: str,
-    limit: int | None = None,
-    field_map: Mapping[str, str] | None = None,
-    *,
-    split: str = "test",
-) -> list[dict[str, Any]]:
-    """Load a benchmark as rows with ``prompt``, ``answer`` (gold answer text) and the source's other fields.
-
-    Args:
-        name_or_file: one of
-            - a built-in task (:data:`grpo.tasks.TASKS`): its ``test`` split, seed :data:`BENCHMARK_SEED`
-              (1000 rows unless ``limit``);
-            - a ``.jsonl`` (read as written, :func:`read_jsonl`), ``.json``, ``.parquet`` or ``.csv`` file, or
-              a directory of them (:func:`grpo.data.load_rows`); GSM8K
-              (``question``/``answer`` with ``#### N``), MATH-500, AIME and AMC (``problem``/``answer``)
-              layouts are recognized (see :func:`normalize_benchmark_rows`);
-            - a named benchmark (``gsm8k``, ``math500``, ``aime24``, ``amc23``, or any ``x`` with an
-              ``x.jsonl`` / ``x_test.jsonl``) in :func:`data_dirs`; when no file is found the four named
-              ones fall back to their Hub copies (:data:`HUB_BENCHMARKS`);
-            - a Hub dataset ``owner/name[:config]`` (split ``split``).
-        limit: at most this many rows, the first ones.
-        field_map: renames applied to the source's columns before detection, e.g. ``{"query": "prompt",
-            "label": "answer"}``.
-        split: the split of a Hub dataset or directory.
-
-    Raises:
-        FileNotFoundError: a path that does not exist.
-        DataError: an unknown name, an unreachable Hub, or rows without a usable question or answer.
-    """
-    path = Path(name_or_file).expanduser()
-    if is_task(name_or_file):
-        rows = load_rows(name_or_file, split="test", limit=limit, seed=BENCHMARK_SEED)
-    elif path.exists():
-        rows = _load_file(path, split, limit)
-    elif (found := find_benchmark_file(name_or_file)) is not None:
-        rows = _load_file(found, split, limit)
-    elif name_or_file in HUB_BENCHMARKS:
-        hub, hub_split = HUB_BENCHMARKS[name_or_file]
-        try:
-            rows = load_rows(hub, split=hub_split, limit=limit)
-        except DataError as exc:
-            searched = ", ".join(str(d) for d in data_dirs())
-            raise DataError(
-                f"benchmark {name_or_file!r}: no file {' or '.join(BENCHMARK_FILES[name_or_file])} in {searched} "
-                f"(set {DATA_DIR_VARIABLE} to a directory holding one), and the Hub copy failed: {exc}"
-            ) from exc
-    elif "/" not in name_or_file and not path.suffix:
-        raise DataError(
-            f"unknown benchmark {name_or_file!r}; allowed: a built-in task ({', '.join(TASKS)}), a named "
-            f"benchmark ({', '.join(BENCHMARK_FILES)}, or any x with x.jsonl in {DATA_DIR_VARIABLE} or "
-            f"{SHARED_DATA_DIR}), a data file, or a Hub dataset 'owner/name[:config]'"
-        )
-    else:
-        rows = load_rows(name_or_file, split=split, limit=limit)
-    if field_map:
-        rows = rename_columns(rows, field_map, name_or_file)
-    return normalize_benchmark_rows(rows, name_or_file)
-
-
-def load_eval_rows(data: DataSection, seed: int = 0) -> list[dict[str, Any]]:
-    """Return the held-out rows a training run evaluates on (``data.eval_limit`` of them).
-
-    Without ``data.eval_source``: the ``test`` split of the training source, with its ``task_options``
-    and ``field_map``. With one: that benchmark, read like ``grpo eval --benchmark`` (:func:`load_benchmark`:
-    ``gsm8k``, ``math500``, a task, a file, a Hub dataset), so its question and gold answer columns are
-    found whatever they are called.
-    """
-    if data.eval_source is None:
-        return load_rows(data.source, split="test", limit=data.eval_limit, seed=seed,
-                         task_options=data.task_options, field_map=data.field_map)
-    return load_benchmark(data.eval_source, limit=data.eval_limit)
-
-
-# ----- grading --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Grader:
-    """The reward function that decides correctness, and how its answers are read and grouped."""
-
-    name: str
-    reward: Callable[..., Any]
-    extract: str = "auto"
-    """Where the recorded answer is read (:data:`rewards.extract.EXTRACT_MODES`), the reward's own mode."""
-    math_equivalence: bool = True
-    """maj@k groups answers by :func:`rewards.math.answers_equivalent` (else by string)."""
-
-    def equivalent_many(self, pairs: list[tuple[str, str]]) -> list[bool]:
-        """Return, per ``(representative, answer)`` pair, whether the two fall in one maj@k group."""
-        return math_equivalent_many(pairs) if self.math_equivalence else [_same_string(a, b) for a, b in pairs]
-
-
-def auto_grader_name(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Return the reward that grades these rows: ``countdown`` when every row has ``target`` and
-    ``numbers`` (or ``nums``), else ``accuracy`` (math answers, math-verify)."""
-    if rows and all("target" in r and ("numbers" in r or "nums" in r) for r in rows):
-        return "countdown"
-    return "accuracy"
-
-
-def resolve_grader(grader: str | Grader, rows: Sequence[Mapping[str, Any]]) -> Grader:
-    """Return the :class:`Grader` for ``grader``: ``"auto"`` (:func:`auto_grader_name`), a registered
-    reward name (``accuracy``, ``countdown``, ``gsm8k``...) or ``package.module:function``.
-
-    Raises:
-        ValueError: an unknown reward (the message lists the registered ones).
-    """
-    if isinstance(grader, Grader):
-        return grader
-    name = auto_grader_name(rows) if grader == "auto" else grader
-    reward = rewards_lib.resolve(name)
-    extract = "auto"
-    if name in rewards_lib.names():
-        extract = str(rewards_lib.options(name).get("extract", "auto"))
-    return Grader(name, reward, extract if extract in EXTRACT_MODES else "auto", name in MATH_GRADERS)
-
-
-def _single_answer(text: str, mode: str) -> str | None:
-    answers = extract_answers(text, mode)
-    return answers[0] if len(answers) == 1 else None
-
-
-def grade_samples(
-    rows: Sequence[Mapping[str, Any]],
-    completions: Sequence[str],
-    grader: str | Grader = "auto",
-    *,
-    prompts: Sequence[str] | None = None,
-    think_in_prompt: bool = False,
-) -> list[dict[str, Any]]:
-    """Grade completions exactly as training rewards them: the grader's reward function (the ``accuracy``
-    reward for math) decides ``correct`` (full marks), the R1 ``format`` reward decides ``format_ok``.
-
-    Args:
-        rows: the data row of each completion (one per completion; repeat a row for its n samples).
-        completions: the completion texts.
-        grader: see :func:`resolve_grader`.
-        prompts: the prompt texts passed to the rewards (default: the rows' ``prompt``).
-        think_in_prompt: the prompt ends with ``<think>`` (the format reward then expects no opening tag).
-
-    Returns:
-        Per completion: ``answer`` (the final answer, read as the grader reads it; None when there is none
-        or several different ones, a hedge the graders score wrong), ``correct``, ``score`` (raw; None
-        when the reward does not apply) and ``format_ok``.
-
-    Raises:
-        ValueError: ``rows`` and ``completions`` differ in length, or an unknown grader.
-        rewards.RewardError: the reward function failed.
-    """
-    if len(rows) != len(completions):
-        raise ValueError(f"grade_samples got {len(rows)} rows for {len(completions)} completions")
-    if not rows:
-        return []
-    g = resolve_grader(grader, rows)
-    texts = list(completions)
-    prompt_list = list(prompts) if prompts is not None else [r.get("prompt") for r in rows]
-    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if k != "prompt"]
-    columns = {k: [r.get(k) for r in rows] for k in keys}
-    scores = rewards_lib.call_reward(g.reward, prompt_list, texts, None, columns, name=g.name)
-    fmt = rewards_lib.get("format", think_in_prompt=True) if think_in_prompt else rewards_lib.get("format")
-    formats = rewards_lib.call_reward(fmt, prompt_list, texts, None, columns, name="format")
-    return [
-        {
-            "answer": _single_answer(text, g.extract),
-            "correct": score is not None and score >= _FULL_MARKS,
-            "score": score,
-            "format_ok": f is not None and f >= _FULL_MARKS,
-        }
-        for text, score, f in zip(texts, scores, formats)
-    ]
-
-
-# ----- evaluation -----------------------------------------------------------------------------------------
-def encode_prompt(tokenizer: Any, text: str, template: str) -> list[int]:
-    """Return a rendered prompt's token ids as training feeds them to the engine: the text tokenized
-    without special tokens, with BOS prepended (if the tokenizer has one and the text does not start
-    with it) unless the template is ``chat`` (the chat template writes its own)."""
-    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and (not ids or ids[0] != bos) and template != CHAT:
-        ids = [bos, *ids]
-    return ids
-
-
+# ----- the evaluation loop ------------------------------------------------------------------------------
 def parse_ks(text: str) -> list[int]:
     """Parse ``"1,8"`` into ``[1, 8]`` (sorted, without repeats).
 
@@ -651,6 +189,7 @@ def evaluate(
     use_tqdm: bool = False,
 ) -> EvalResult:
     """Sample ``n`` completions per row with ``engine``, grade them, and compute the metrics.
+    (Over 60 lines: half of it is this docstring; the body is one pass: render, generate, grade, aggregate.)
 
     Args:
         engine: an object with ``generate(prompt_token_ids, params)`` (:class:`grpo.rollout.engine.Engine`
@@ -744,9 +283,9 @@ def evaluate_policy(
     generation and its training mode restored afterwards. Other arguments: see :func:`evaluate`.
     """
     if engine is None:
-        from .rollout.engine import Engine
+        from .build import build_engine
 
-        engine = Engine(model, tokenizer, seed=seed)
+        engine = build_engine(model, tokenizer, seed=seed)
     was_training = bool(getattr(model, "training", False))
     model.eval()
     try:
@@ -859,6 +398,7 @@ __all__ = [
     "math_equivalent_many",
     "mean_at_n",
     "normalize_benchmark_rows",
+    "paired_standard_error",
     "parse_ks",
     "pass_at_k",
     "problem_metrics",

@@ -27,19 +27,143 @@ Left as None, S and N are the call's own counts (B and `mask.sum()`): the call i
 With the global N, bnpo and dapo are the same estimator (DAPO's token-level mean over the batch); TRL's bnpo
 normalizes by each micro-batch's own token count, which is bnpo here with num_items_in_batch=None, and
 which makes the result depend on how the batch is cut into micro-batches.
+
+Adding a loss
+-------------
+A loss is one function registered under its `algorithm.loss_type` name with `@register_policy_loss(name,
+aggregate=...)`: it maps the importance ratios, log-probabilities and advantages to the per-token policy
+term, and `aggregate` names one of the normalizations above. The recipe's allowed names are this registry's
+keys (`POLICY_LOSSES`), so nothing else needs editing. CISPO below is the example.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceSamplingLevel = Literal["token", "sequence"]
 KLEstimator = Literal["k1", "k2", "k3"]
 
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+# ----- the registry of policy losses ------------------------------------------------------------------------
+@dataclass
+class PolicyTerms:
+    """What a policy loss sees of a micro-batch; padded positions hold zeros (the loss masks them after).
+
+    ratio:    [B, T] the importance ratio r_it (differentiable; s_i at sequence level, see `policy_loss`)
+    logp:     [B, T] log pi_theta of the sampled tokens (differentiable)
+    adv:      [B, 1] the advantages (constants)
+    epsilon, epsilon_high: the clip range [1 - epsilon, 1 + epsilon_high]
+    """
+
+    ratio: torch.Tensor
+    logp: torch.Tensor
+    adv: torch.Tensor
+    epsilon: float
+    epsilon_high: float
+
+
+@dataclass
+class Normalizers:
+    """The whole batch's counts a per-token loss is divided by (module docstring)."""
+
+    tokens_per_seq: torch.Tensor  # [B] this call's valid tokens per sequence
+    num_sequences: int | float | torch.Tensor  # S
+    num_items: int | float | torch.Tensor | None  # N; None: this call's own count
+    max_completion_length: int | None
+
+
+def _seq_mean_token_mean(per_token: torch.Tensor, n: Normalizers) -> torch.Tensor:
+    return (per_token.sum(dim=-1) / n.tokens_per_seq.clamp(min=1)).sum() / n.num_sequences
+
+
+def _token_mean(per_token: torch.Tensor, n: Normalizers) -> torch.Tensor:
+    num_items = n.tokens_per_seq.sum().clamp(min=1) if n.num_items is None else n.num_items
+    return per_token.sum() / num_items
+
+
+def _token_sum_over_max_length(per_token: torch.Tensor, n: Normalizers) -> torch.Tensor:
+    if n.max_completion_length is None:
+        raise ValueError("this loss_type (dr_grpo's normalization) needs max_completion_length")
+    return per_token.sum() / (n.num_sequences * n.max_completion_length)
+
+
+#: The normalizations of the module docstring, by the name a loss registers with.
+AGGREGATIONS: dict[str, Callable[[torch.Tensor, Normalizers], torch.Tensor]] = {
+    "seq_mean_token_mean": _seq_mean_token_mean,  # grpo: each sequence's token mean, averaged over S
+    "token_mean": _token_mean,  # bnpo, dapo: a sum over tokens / N
+    "token_sum_over_max_length": _token_sum_over_max_length,  # dr_grpo: a sum over tokens / (S * max length)
+}
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A registered loss: its per-token policy term and how the terms are normalized."""
+
+    name: str
+    per_token: Callable[[PolicyTerms], torch.Tensor]
+    aggregate: str
+
+
+#: algorithm.loss_type -> its loss; the recipe's allowed values are these keys.
+POLICY_LOSSES: dict[str, PolicyLoss] = {}
+
+
+def register_policy_loss(name: str, *, aggregate: str) -> Callable:
+    """Decorator: register `fn(PolicyTerms) -> [B, T] per-token loss` as `algorithm.loss_type: name`."""
+    if aggregate not in AGGREGATIONS:
+        raise ValueError(f"policy loss {name!r}: aggregate {aggregate!r} is not one of {sorted(AGGREGATIONS)}")
+
+    def register(fn: Callable[[PolicyTerms], torch.Tensor]) -> Callable[[PolicyTerms], torch.Tensor]:
+        if name in POLICY_LOSSES:
+            raise ValueError(f"a policy loss named {name!r} is already registered")
+        POLICY_LOSSES[name] = PolicyLoss(name, fn, aggregate)
+        return fn
+
+    return register
+
+
+def _clipped_surrogate(t: PolicyTerms) -> torch.Tensor:
+    """PPO's -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A)."""
+    clipped = t.ratio.clamp(1 - t.epsilon, 1 + t.epsilon_high)
+    return -torch.min(t.ratio * t.adv, clipped * t.adv)
+
+
+@register_policy_loss("grpo", aggregate="seq_mean_token_mean")
+def grpo_loss(t: PolicyTerms) -> torch.Tensor:
+    """GRPO (DeepSeekMath): the clipped surrogate, a token mean per sequence, then a mean over sequences."""
+    return _clipped_surrogate(t)
+
+
+@register_policy_loss("bnpo", aggregate="token_mean")
+def bnpo_loss(t: PolicyTerms) -> torch.Tensor:
+    """BNPO: the clipped surrogate over the batch's tokens (with the global N, the same estimator as dapo)."""
+    return _clipped_surrogate(t)
+
+
+@register_policy_loss("dapo", aggregate="token_mean")
+def dapo_loss(t: PolicyTerms) -> torch.Tensor:
+    """DAPO: the clipped surrogate, a token-level mean over the whole batch."""
+    return _clipped_surrogate(t)
+
+
+@register_policy_loss("dr_grpo", aggregate="token_sum_over_max_length")
+def dr_grpo_loss(t: PolicyTerms) -> torch.Tensor:
+    """Dr. GRPO: the clipped surrogate over a constant normalizer, S * max_completion_length."""
+    return _clipped_surrogate(t)
+
+
+@register_policy_loss("cispo", aggregate="token_mean")
+def cispo_loss(t: PolicyTerms) -> torch.Tensor:
+    """CISPO (MiniMax-M1): clip the importance weight, not the update. The per-token term is
+    -sg(clip(r, 1 - epsilon, 1 + epsilon_high)) * A * log pi_theta: every token keeps a gradient (A times the
+    clipped weight), where PPO's clip zeroes the gradient of tokens whose ratio left the range. The paper sets
+    no lower bound in practice (a large epsilon, e.g. 1.0) and tunes epsilon_high."""
+    weight = t.ratio.clamp(1 - t.epsilon, 1 + t.epsilon_high).detach()
+    return -weight * t.adv * t.logp
 
 
 def kl_penalty(
@@ -88,7 +212,7 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
-    loss_type: LossType,
+    loss_type: str,
     epsilon: float,
     epsilon_high: float | None = None,
     importance_sampling_level: ImportanceSamplingLevel = "token",
@@ -111,8 +235,9 @@ def policy_loss(
     advantages:     [B] one advantage per completion (`group_advantages`), constant.
     mask:           [B, T] bool or 0/1: the completion's real tokens. Padded positions get no loss and no
                     gradient, whatever the other tensors hold there.
-    loss_type:      "grpo" | "bnpo" | "dr_grpo" | "dapo"; see the module docstring for the formulas and for
-                    `num_items_in_batch` / `num_sequences_in_batch` (the global counts).
+    loss_type:      a key of `POLICY_LOSSES`: "grpo" | "bnpo" | "dr_grpo" | "dapo" | "cispo"; see the module
+                    docstring for the formulas and for `num_items_in_batch` / `num_sequences_in_batch` (the
+                    global counts).
     epsilon, epsilon_high: the ratio is clipped to [1 - epsilon, 1 + epsilon_high]; epsilon_high defaults
                     to epsilon (DAPO's clip-higher sets it larger, e.g. 0.2 / 0.28).
     importance_sampling_level:
@@ -122,7 +247,7 @@ def policy_loss(
                     is s_i and whose gradient is s_i times that of logprobs_it (GSPO-token; with one
                     advantage per sequence it has the same gradient as GSPO). GSPO uses a much smaller
                     epsilon (3e-4 / 4e-4 in the paper) and loss_type="grpo".
-    The per-token loss is l_it = -min(r_it A_i, clip(r_it, 1 - epsilon, 1 + epsilon_high) A_i)
+    The per-token loss is l_it = -min(r_it A_i, clip(r_it, 1 - epsilon, 1 + epsilon_high) A_i)  (cispo: its own)
                                  * rollout_is_weights_it          (when given)
                                  + beta * KL_it                   (when beta > 0)
                                  - entropy_coef * entropy_it      (when entropy_coef != 0)
@@ -135,6 +260,9 @@ def policy_loss(
                     S * max_completion_length (a constant, independent of the actual lengths).
     entropy:        [B, T] the policy's entropy at each position (differentiable; `token_logprobs_and_entropy`).
     rollout_is_weights: [B, T] `truncated_is_weights`, constants.
+
+    This function is over 60 lines because this docstring is the loss's whole contract (shapes, formulas,
+    metrics); the code is one pass of tensor operations, the per-token term coming from `POLICY_LOSSES`.
 
     Returns (loss, metrics): loss a float32 scalar; metrics detached float32 scalars, means over this
     call's valid tokens, with TRL's names:
@@ -160,8 +288,8 @@ def policy_loss(
             raise ValueError(f"{name} has shape {tuple(tensor.shape)}, logprobs {tuple(shape)}")
     if advantages.shape != shape[:1]:
         raise ValueError(f"advantages must be [B] = [{shape[0]}], got shape {tuple(advantages.shape)}")
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type not in POLICY_LOSSES:
+        raise ValueError(f"loss_type must be one of {sorted(POLICY_LOSSES)}, got {loss_type!r}")
     if importance_sampling_level not in ("token", "sequence"):
         raise ValueError(
             f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}"
@@ -172,8 +300,9 @@ def policy_loss(
         raise ValueError("beta > 0 needs ref_logprobs")
     if entropy_coef != 0 and entropy is None:
         raise ValueError("entropy_coef != 0 needs entropy")
-    if loss_type == "dr_grpo" and max_completion_length is None:
-        raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+    loss_fn = POLICY_LOSSES[loss_type]
+    if loss_fn.aggregate == "token_sum_over_max_length" and max_completion_length is None:
+        raise ValueError(f"loss_type={loss_type!r} needs max_completion_length")
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
 
     # Padded positions are zeroed before any nonlinearity, so garbage there (-inf, NaN) reaches neither
@@ -196,8 +325,7 @@ def policy_loss(
         log_seq = log_ratio.sum(dim=-1, keepdim=True) / tokens_per_seq.clamp(min=1)[:, None]
         log_weight = log_seq.detach() + logp - logp.detach()
     ratio = torch.exp(log_weight)
-    clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)
-    per_token = -torch.min(ratio * adv, clipped * adv)
+    per_token = loss_fn.per_token(PolicyTerms(ratio, logp, adv, epsilon, epsilon_high))
     if rollout_is_weights is not None:
         per_token = per_token * clean(rollout_is_weights.detach())
 
@@ -214,13 +342,8 @@ def policy_loss(
     per_token = torch.where(valid, per_token, zeros)
 
     num_sequences = shape[0] if num_sequences_in_batch is None else num_sequences_in_batch
-    if loss_type == "grpo":
-        loss = (per_token.sum(dim=-1) / tokens_per_seq.clamp(min=1)).sum() / num_sequences
-    elif loss_type == "dr_grpo":
-        loss = per_token.sum() / (num_sequences * max_completion_length)
-    else:  # bnpo, dapo
-        num_items = tokens_per_seq.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        loss = per_token.sum() / num_items
+    loss = AGGREGATIONS[loss_fn.aggregate](
+        per_token, Normalizers(tokens_per_seq, num_sequences, num_items_in_batch, max_completion_length))
 
     with torch.no_grad():
         num_valid = tokens_per_seq.sum().clamp(min=1)

@@ -11,12 +11,14 @@ from typing import Any
 
 from model import load_pretrained
 
+from .benchmarks import load_eval_rows
+from .build import build_engine, build_tokenizer
 from .checkpointing import latest_checkpoint
 from .config import Recipe
-from .evaluation import evaluate, load_eval_rows, paired_standard_error
-from .rollout.engine import Engine
+from .estimators import paired_standard_error
+from .evaluation import evaluate
 from .sft import SFTTrainer
-from .trainer import GRPOTrainer, build_tokenizer
+from .trainer import GRPOTrainer
 
 
 def held_out_rows(recipe: Recipe) -> list[dict[str, Any]]:
@@ -32,7 +34,8 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, An
     e = recipe.evaluation
     tokenizer = build_tokenizer(dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=str(model_dir))))
     model = load_pretrained(model_dir).eval()
-    engine = Engine(model, tokenizer, seed=recipe.seed)
+    engine = build_engine(model, tokenizer, recipe.rollout, seed=recipe.seed, dtype=recipe.model.dtype,
+                          checkpoint_dir=model_dir)
     result = evaluate(engine, tokenizer, rows, template=recipe.data.template, n=e.n, ks=[1],
                       temperature=e.temperature, max_tokens=recipe.sampling.max_completion_length, seed=recipe.seed,
                       breakdown_field=[])

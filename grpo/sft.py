@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .build import adamw, build_policy, build_rows, build_tokenizer, compute_precision, lr_schedule
 from .config import Recipe, RecipeError
-from .data import check_columns, load_rows
+from .data import check_columns
+from .logs import MetricsLogger
 from .templates import render_prompt
-from .trainer import MetricsLogger, adamw, build_policy, build_tokenizer, compute_precision, lr_factor
 
 
 def r1_completion(row: dict[str, Any]) -> str:
@@ -31,8 +32,7 @@ class SFTTrainer:
         self.out = Path(s.output_dir or Path(recipe.output_dir) / "sft")
         self.tokenizer = build_tokenizer(recipe)
         d = recipe.data
-        rows = load_rows(d.source, split=d.split, limit=d.limit, seed=recipe.seed, task_options=d.task_options,
-                         field_map=d.field_map)
+        rows = build_rows(recipe)
         if rows and s.completion_column not in rows[0]:
             check_columns(rows, ["prompt", "reasoning", "answer"], d.source)
         else:
@@ -48,8 +48,7 @@ class SFTTrainer:
             if len(ids) > limit:
                 raise RecipeError(f"data: example {i} is {len(ids)} tokens, beyond the model's context of {limit}")
         self.optimizer = adamw(self.model.parameters(), s.lr, recipe.optim.betas, recipe.optim.weight_decay)
-
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(s.warmup_steps, s.steps, s.schedule))
+        self.lr_schedule = lr_schedule(self.optimizer, s.warmup_steps, s.steps, s.schedule)
         self.generator = torch.Generator().manual_seed(recipe.seed)
 
     def _encode(self, row: dict[str, Any]) -> tuple[list[int], int]:
@@ -87,7 +86,7 @@ class SFTTrainer:
             ids, mask = self.batch()
             with compute_precision(self.recipe, self.model):
                 hidden = self.model.hidden_states(ids)
-                logits = self.model.lm_head(self.model.model.norm(hidden))
+                logits = self.model.logits(hidden)
             target_mask = mask[:, 1:]
             ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                                  reduction="none").view_as(target_mask)
@@ -101,8 +100,8 @@ class SFTTrainer:
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.optim.max_grad_norm))
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
+            self.lr_schedule.step()
+            metrics["learning_rate"] = self.lr_schedule.get_last_lr()[0]
             metrics["time/step_s"] = time.perf_counter() - t0
             history.append(metrics)
             logger.log(metrics)

@@ -105,3 +105,14 @@ def render_prompt(row: Mapping[str, Any], template: str = "r1_zero", tokenizer: 
     if template == CHAT:
         return _apply_chat_template([{"role": "user", "content": str(prompt)}], tokenizer)
     return TEMPLATES.get(template, template).format_map({c: row[c] for c in columns})
+
+
+def encode_prompt(tokenizer: Any, text: str, template: str) -> list[int]:
+    """Return a rendered prompt's token ids as training feeds them to the engine: the text tokenized
+    without special tokens, with BOS prepended (if the tokenizer has one and the text does not start
+    with it) unless the template is ``chat`` (the chat template writes its own)."""
+    ids = list(tokenizer(text, add_special_tokens=False).input_ids)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and (not ids or ids[0] != bos) and template != CHAT:
+        ids = [bos, *ids]
+    return ids

@@ -4,8 +4,8 @@ group-relative advantages, update the policy, log, checkpoint. Losses and advant
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -17,92 +17,32 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-import rewards as rewards_lib
-from model import CausalLM, build_model, load_pretrained
-from model.presets import preset_config
-from model.tokenizer import build_char_tokenizer, load_tokenizer
-from rewards.sandbox_fs import require_strict
+from model import CausalLM, load_pretrained
 
 from . import distributed
-from .advantages import group_advantages
-from .checkpointing import cut_log, latest_checkpoint, load_state, save_checkpoint, set_rng_state
+from .advantages import GroupAdvantages, group_advantages
+from .batch import Rollout, RolloutStats
+from .benchmarks import load_eval_rows
+from .build import (
+    build_engine,
+    build_optimizer,
+    build_policy,
+    build_reference,
+    build_rewards,
+    build_rollout_engine,
+    build_rows,
+    build_tokenizer,
+    compute_precision,
+)
+from .checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from .config import Recipe, RecipeError, recipe_to_dict
-from .data import PromptSampler, check_columns, load_rows
-from .evaluation import encode_prompt, evaluate_policy, load_eval_rows
+from .data import PromptSampler, check_columns
+from .evaluation import evaluate_policy
 from .logprobs import token_logprobs, token_logprobs_and_entropy
+from .logs import MetricsLogger
 from .losses import policy_loss, truncated_is_weights
 from .rollout import SamplingParams
-from .templates import render_prompt
-
-
-# ----- building the pieces -----------------------------------------------------------------------------------
-def build_tokenizer(recipe: Recipe):
-    m = recipe.model
-    if m.tokenizer and m.tokenizer != "char":
-        return load_tokenizer(m.tokenizer)
-    if m.tokenizer is None and m.path and (Path(m.path) / "tokenizer_config.json").exists():
-        return load_tokenizer(m.path)
-    return build_char_tokenizer()
-
-
-def build_policy(recipe: Recipe, tokenizer) -> CausalLM:
-    """The trained model, in float32 whatever `model.dtype` says: these are the master weights that
-    AdamW updates (a bf16 weight would round away an update of lr 1e-6). See `compute_precision`."""
-    m = recipe.model
-    if m.path:
-        return load_pretrained(m.path, dtype=torch.float32)
-    cfg = preset_config(m.preset, vocab_size=len(tokenizer), num_nextn_predict_layers=m.mtp, **m.overrides)
-    return build_model(cfg, seed=recipe.seed)
-
-
-def compute_precision(recipe: Recipe, model: CausalLM):
-    """The training forward's precision: `model.dtype: bfloat16` runs matmuls in bf16 under autocast over
-    the float32 master weights (the router stays in float32); float32 changes nothing."""
-    if recipe.model.dtype != "bfloat16":
-        return contextlib.nullcontext()
-    return torch.autocast(model.lm_head.weight.device.type, dtype=torch.bfloat16)
-
-
-def build_engine(recipe: Recipe, model: CausalLM, tokenizer, rank: int = 0):
-    r = recipe.rollout
-    if r.backend == "vllm":
-        from .rollout.vllm_backend import VLLMEngine
-
-        # vLLM starts from a checkpoint on disk (the policy as it is now); later weights reach it in place.
-        start = Path(recipe.output_dir) / ("rollout_start" if rank == 0 else f"rollout_start-rank{rank}")
-        model.save_pretrained(start)
-        tokenizer.save_pretrained(start)
-        # The policy's dtype: vLLM's own default here is float32, twice the memory of a bf16 model.
-        return VLLMEngine(start, dtype=recipe.model.dtype, kv_cache_memory_bytes=r.cache_memory_mb * 1024**2,
-                          seed=recipe.seed, tokenizer=tokenizer)
-    from .rollout.engine import Engine
-
-    return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
-                  max_num_seqs=r.max_num_seqs, seed=recipe.seed, record_routing=recipe.algorithm.routing_replay,
-                  compile=r.compile)
-
-
-def adamw(params, lr: float, betas, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
-    """AdamW as one fused kernel over all tensors (fused=False: the multi-tensor foreach update, for FSDP's
-    sharded parameters). PyTorch's default on a CPU is a loop of a dozen ops per tensor. On the tiny model's
-    60 tensors a step takes 26 ms that way, 17 ms with foreach and 5 ms fused. The fused kernel does not move
-    the weights' version counters, so the rollout engine re-derives its weights at every generate call."""
-    kind = {"fused": True} if fused else {"foreach": True}
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kind)
-
-
-def lr_factor(warmup_steps: int, total_steps: int, schedule: str, min_ratio: float = 0.0):
-    """The learning-rate multiplier per step: linear warmup, then constant or cosine down to min_ratio."""
-
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
+from .templates import encode_prompt, render_prompt
 
 
 def rollout_seed(seed: int, step: int, round_: int, row: int) -> int:
@@ -127,7 +67,7 @@ class CompletionLogprobs(nn.Module):
         token_index [N] the flat positions of the real tokens (the feed-forward skips the padding)."""
         m, temperature = self.model, self.recipe.sampling.temperature
         with compute_precision(self.recipe, m):
-            hidden = m.model.norm(m.hidden_states(ids, routing=routing, token_index=token_index))  # [B, L, D]
+            hidden = m.final_norm(m.hidden_states(ids, routing=routing, token_index=token_index))  # [B, L, D]
             h = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T, D]
             if entropy:
                 lp, ent = token_logprobs_and_entropy(h, m.lm_head.weight, targets, temperature)
@@ -136,48 +76,6 @@ class CompletionLogprobs(nn.Module):
         # Fresh tensors, not views: FSDP hooks its backward onto the outputs, which an in-place op on a
         # view would silently drop (and it warns about views).
         return lp.clone(), ent.clone() if ent is not None else None
-
-
-@dataclass
-class Rollout:
-    """One step's generations, flattened group by group: P prompts x G completions."""
-
-    prompt_ids: list[list[int]]  # [P*G]
-    completion_ids: list[list[int]]  # [P*G]
-    rollout_logprobs: list[list[float]]  # [P*G]
-    finish_reasons: list[str]
-    rewards: torch.Tensor  # [P*G] weighted total
-    per_function: dict[str, list[float | None]]
-    texts: list[str]
-    prompts: list[str]
-    routing: list[torch.Tensor | None]  # [P*G] each [prompt + completion - 1, M, K] with routing replay, else None
-
-
-@dataclass
-class RolloutStats:
-    """What the ranks exchange about their rollouts each step: a few numbers per completion, in order."""
-
-    rewards: torch.Tensor  # [n]
-    per_function: dict[str, list[float | None]]  # each [n]
-    lengths: list[int]  # [n] completion tokens
-    truncated: list[bool]  # [n] stopped by max_completion_length
-    tokens: int  # the tokens the loss counts (truncated ones masked out when asked)
-    stats: dict[str, float]  # dynamic sampling's
-
-    @staticmethod
-    def of(ro: Rollout, tokens: int, stats: dict[str, float]) -> RolloutStats:
-        return RolloutStats(ro.rewards, ro.per_function, [len(c) for c in ro.completion_ids],
-                            [f == "length" for f in ro.finish_reasons], tokens, stats)
-
-    @staticmethod
-    def concat(parts: list[RolloutStats]) -> RolloutStats:
-        """The global batch: the ranks' parts in rank order (the order of the sampler's global batch)."""
-        if len(parts) == 1:
-            return parts[0]
-        return RolloutStats(torch.cat([p.rewards for p in parts]),
-                            {k: [x for p in parts for x in p.per_function[k]] for k in parts[0].per_function},
-                            [x for p in parts for x in p.lengths], [x for p in parts for x in p.truncated],
-                            sum(p.tokens for p in parts), {})
 
 
 # ----- the trainer ------------------------------------------------------------------------------------------
@@ -190,14 +88,9 @@ class GRPOTrainer:
         torch.manual_seed(recipe.seed)
         self.tokenizer = build_tokenizer(recipe)
         d = recipe.data
-        rows = load_rows(d.source, split=d.split, limit=d.limit, seed=recipe.seed, task_options=d.task_options,
-                         field_map=d.field_map)
+        rows = build_rows(recipe)
         check_columns(rows, ["prompt"], d.source)
-        if recipe.reward_sandbox == "strict":
-            require_strict("reward_sandbox")
-        self.rewards = rewards_lib.RewardSet.from_config(
-            [{"reward": r.name, "weight": r.weight, "options": r.options} for r in recipe.rewards],
-            on_error=recipe.reward_on_error)
+        self.rewards = build_rewards(recipe)
         self.prompt_text = [render_prompt(row, d.template, self.tokenizer) for row in rows]
         self.prompt_tokens = [self._encode(t) for t in self.prompt_text]
         self.rows = rows
@@ -214,7 +107,7 @@ class GRPOTrainer:
         state = self._load_checkpoint() if resume else None
         self.reference = None
         if recipe.algorithm.beta > 0:
-            self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
+            self.reference = build_reference(self.policy)
             if state is not None and "reference" in state:
                 self.reference.load_state_dict(state["reference"])
         if recipe.optim.compile:
@@ -222,18 +115,16 @@ class GRPOTrainer:
                 if model is not None:
                     model.compile_blocks()
         self._wrap(recipe.parallel if world_size > 1 else None)
-        o = recipe.optim
-        # Built after wrapping: FSDP replaces the parameters by their shards.
-        self.optimizer = adamw(self.policy.parameters(), o.lr, o.betas, o.weight_decay,
-                               fused=not (world_size > 1 and recipe.parallel == "fsdp"))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_factor(o.warmup_steps, recipe.max_steps, o.schedule, o.min_lr_ratio))
-        self.sampler = PromptSampler(len(rows), recipe.prompts_per_step, seed=recipe.seed, rank=world_rank,
+        # Built after wrapping: FSDP replaces the parameters by their shards. (Checkpoints keep the keys
+        # "scheduler" and "sampler" for these two.)
+        self.optimizer, self.lr_schedule = build_optimizer(
+            recipe, self.policy, fused=not (world_size > 1 and recipe.parallel == "fsdp"))
+        self.prompt_sampler = PromptSampler(len(rows), recipe.prompts_per_step, seed=recipe.seed, rank=world_rank,
                                      world_size=world_size)
         self.step = 0
         if state is not None:
             self._restore(state)
-        self.engine = build_engine(recipe, self.rollout_policy, self.tokenizer, rank=world_rank)
+        self.engine = build_rollout_engine(recipe, self.rollout_policy, self.tokenizer, rank=world_rank)
 
     def _wrap(self, parallel: str | None) -> None:
         """Sets up the three views of the policy:
@@ -248,7 +139,7 @@ class GRPOTrainer:
         if parallel == "fsdp":
             self.rollout_policy = copy.deepcopy(self.policy)
         module = CompletionLogprobs(self.policy, self.recipe)
-        self.train_model = distributed.wrap(module, parallel, self.policy.model.layers) if parallel else module
+        self.train_model = distributed.wrap(module, parallel, self.policy.layers) if parallel else module
         self.old_model = CompletionLogprobs(self.rollout_policy, self.recipe)
         self.reference_model = CompletionLogprobs(self.reference, self.recipe) if self.reference else None
 
@@ -281,8 +172,8 @@ class GRPOTrainer:
 
     def _restore(self, state: dict[str, Any]) -> None:
         distributed.load_optimizer_state(self.policy, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.sampler.load_state_dict(state["sampler"])
+        self.lr_schedule.load_state_dict(state["scheduler"])
+        self.prompt_sampler.load_state_dict(state["sampler"])
         set_rng_state(state["rng"])
         self.step = state["step"]
 
@@ -319,78 +210,39 @@ class GRPOTrainer:
         its own share; the ranks draw further batches from the sampler together, until none is short (a
         rank already full skips generating), so their samplers stay in step."""
         a, G = self.recipe.algorithm, self.recipe.sampling.num_generations
-        indices = self.sampler.next_indices()
+        indices = self.prompt_sampler.next_indices()
         ro = self.rollout(indices)
         if not a.dynamic_sampling:
             return ro, {}
         want = len(indices)
-        kept = [self._select_groups(ro, self._groups_with_signal(ro))]
+        kept = [ro.select_groups(ro.groups_with_signal(G), G)]
         rounds = 1
         while rounds < a.max_sampling_rounds:
             short = sum(len(k.completion_ids) for k in kept) // G < want
             if not distributed.any_rank(short):
                 break
-            more = self.sampler.next_indices()
+            more = self.prompt_sampler.next_indices()
             if short:
                 ro_more = self.rollout(more, rounds)
-                kept.append(self._select_groups(ro_more, self._groups_with_signal(ro_more)))
+                kept.append(ro_more.select_groups(ro_more.groups_with_signal(G), G))
             rounds += 1
-        result = _concat_rollouts(kept)
+        result = Rollout.concat(kept)
         groups = len(result.completion_ids) // G
         stats = {"dynamic_sampling/rounds": float(rounds), "dynamic_sampling/groups": float(min(groups, want))}
         if groups == 0:
             return ro, stats  # no group has signal: the gradient is zero either way
-        return (self._select_groups(result, list(range(want))) if groups > want else result), stats
+        return (result.select_groups(list(range(want)), G) if groups > want else result), stats
 
-    def _groups_with_signal(self, ro: Rollout) -> list[int]:
-        G = self.recipe.sampling.num_generations
-        r = ro.rewards.view(-1, G)
-        return [g for g in range(r.shape[0]) if (r[g] != r[g, 0]).any()]
-
-    def _select_groups(self, ro: Rollout, groups: list[int]) -> Rollout:
-        G = self.recipe.sampling.num_generations
-        idx = [g * G + k for g in groups for k in range(G)]
-        return Rollout([ro.prompt_ids[i] for i in idx], [ro.completion_ids[i] for i in idx],
-                       [ro.rollout_logprobs[i] for i in idx], [ro.finish_reasons[i] for i in idx],
-                       ro.rewards[idx] if idx else ro.rewards[:0],
-                       {k: [v[i] for i in idx] for k, v in ro.per_function.items()},
-                       [ro.texts[i] for i in idx], [ro.prompts[i] for i in idx], [ro.routing[i] for i in idx])
-
-    def _batch(self, ro: Rollout, rows: list[int]) -> dict[str, torch.Tensor]:
-        """Right-padded sequences and the completion-aligned gather index for micro-batch `rows`."""
-        seqs = [ro.prompt_ids[i] + ro.completion_ids[i] for i in rows]
-        L = max(len(s) for s in seqs)
-        T = max(len(ro.completion_ids[i]) for i in rows)
-        ids = torch.zeros(len(rows), L, dtype=torch.long)
-        targets = torch.zeros(len(rows), T, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.bool)
-        where = torch.zeros(len(rows), T, dtype=torch.long)
-        rollout_lp = torch.zeros(len(rows), T)
-        # The real tokens' flat positions: the feed-forward layers skip the right padding (a fifth of the
-        # tokens at 32 completion tokens, half at 128, where completions stop at EOS).
-        token_index = torch.cat([b * L + torch.arange(len(s)) for b, s in enumerate(seqs)])
-        for b, i in enumerate(rows):
-            p, c = len(ro.prompt_ids[i]), len(ro.completion_ids[i])
-            ids[b, : p + c] = torch.tensor(seqs[b])
-            targets[b, :c] = torch.tensor(ro.completion_ids[i])
-            mask[b, :c] = True
-            where[b] = (p - 1 + torch.arange(T)).clamp(max=L - 1)  # the position that predicts token t
-            rollout_lp[b, :c] = torch.tensor(ro.rollout_logprobs[i])
-            if self.recipe.algorithm.mask_truncated_completions and ro.finish_reasons[i] == "length":
-                mask[b] = False
-        batch = {"ids": ids, "targets": targets, "mask": mask, "where": where, "rollout_logprobs": rollout_lp,
-                 "token_index": token_index}
-        if self.recipe.algorithm.routing_replay and ro.routing[rows[0]] is not None:
-            _, M, K = ro.routing[rows[0]].shape
-            routing = torch.full((len(rows), L, M, K), -1, dtype=torch.int16)  # -1: padding, the gate chooses
-            for b, i in enumerate(rows):
-                routing[b, : len(ro.routing[i])] = ro.routing[i]
-            batch["routing"] = routing
-        return batch
+    def micro_batches(self, ro: Rollout) -> list[dict[str, torch.Tensor]]:
+        """`ro` cut into padded micro-batches of optim.micro_batch_size completions."""
+        n, mb, a = len(ro.completion_ids), self.recipe.optim.micro_batch_size, self.recipe.algorithm
+        return [ro.micro_batch(list(range(s, min(s + mb, n))), a.mask_truncated_completions, a.routing_replay)
+                for s in range(0, n, mb)]
 
     def _empty_batch(self, ro: Rollout) -> dict[str, torch.Tensor]:
         """A one-row micro-batch that counts no token: no loss, zero gradients."""
-        b = self._batch(ro, [0])
+        a = self.recipe.algorithm
+        b = ro.micro_batch([0], a.mask_truncated_completions, a.routing_replay)
         b["mask"].zero_()
         b["advantages"] = torch.zeros(1)
         return b
@@ -405,91 +257,127 @@ class GRPOTrainer:
         routing = batch.get("routing") if replay else None
         return model(batch["ids"], batch["where"], batch["targets"], entropy, routing, batch.get("token_index"))
 
+    # ----- one step, phase by phase -----------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
-        r, a = self.recipe, self.recipe.algorithm
+        """One GRPO step: collect (generate and score), advantages over the global batch, old and reference
+        log-probs, the policy update (with the router bias and the weight push), metrics."""
         t0 = time.perf_counter()
         ro, stats = self.collect()
         t_rollout = time.perf_counter() - t0
-        G = r.sampling.num_generations
+        batch = self.global_batch(ro, stats)
+        t1 = time.perf_counter()
+        old, ref = self.old_and_reference_logprobs(batch.micro_batches)
+        t_ref = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        sums, grad_norm = self.update(batch, old, ref)
+        self.after_update()
+        t_update = time.perf_counter() - t2
+        self.step += 1
+        times = {"time/rollout_s": t_rollout, "time/ref_old_logprobs_s": t_ref, "time/update_s": t_update}
+        self._last_rollout = ro
+        return self.step_metrics(batch, stats, sums, grad_norm, times, t0)
+
+    def global_batch(self, ro: Rollout, stats: dict[str, float]) -> GlobalBatch:
+        """This rank's micro-batches with their advantages. The ranks exchange a few numbers per completion:
+        the advantages (scale_rewards="batch" takes the batch's std), the loss normalizers and the logged
+        statistics are those of the GLOBAL batch."""
+        G, mb = self.recipe.sampling.num_generations, self.recipe.optim.micro_batch_size
         n = len(ro.completion_ids)
-        mb = r.optim.micro_batch_size
-        batches = [self._batch(ro, list(range(s, min(s + mb, n)))) for s in range(0, n, mb)]
-        # The ranks exchange a few numbers per completion: the advantages (scale_rewards="batch" takes the
-        # batch's std), the loss normalizers and the logged statistics are those of the GLOBAL batch.
+        batches = self.micro_batches(ro)
         shares = distributed.all_gather_objects(
             RolloutStats.of(ro, tokens=sum(int(b["mask"].sum()) for b in batches), stats=stats))
         everyone = RolloutStats.concat(shares)
         offset = sum(len(x.lengths) for x in shares[: self.rank])
-        adv = group_advantages(everyone.rewards, G, scale_rewards=a.scale_rewards)
+        adv = group_advantages(everyone.rewards, G, scale_rewards=self.recipe.algorithm.scale_rewards)
         advantages = adv.advantages.view(-1)[offset:offset + n]
         for s, b in zip(range(0, n, mb), batches):
             b["advantages"] = advantages[s:s + len(b["ids"])]
-        num_tokens, num_seqs = everyone.tokens, len(everyone.lengths)
         # DDP and FSDP need as many forward/backward passes on every rank; a rank with fewer groups (dynamic
         # sampling) adds micro-batches that count no token.
         num_real = len(batches)
         batches += [self._empty_batch(ro) for _ in range(max(math.ceil(len(x.lengths) / mb) for x in shares) - num_real)]
-        t1 = time.perf_counter()
-        # Old log-probs: needed when one generation feeds several updates, or to correct the rollout.
+        return GlobalBatch(batches, num_real, everyone, shares, adv)
+
+    @torch.no_grad()
+    def old_and_reference_logprobs(self, batches: list[dict[str, torch.Tensor]]):
+        """Per micro-batch: the old policy's log-probs (needed when one generation feeds several updates, or
+        to correct the rollout; else None) and the reference's (when there is one; else None)."""
+        a = self.recipe.algorithm
         need_old = a.num_iterations > 1 or a.rollout_is_cap is not None
-        with torch.no_grad():
-            old = [self.completion_logprobs(self.old_model, b)[0] for b in batches] if need_old else None
-            ref = [self.completion_logprobs(self.reference_model, b, replay=False)[0] for b in batches] \
-                if self.reference_model else None
-        t_ref = time.perf_counter() - t1
+        old = [self.completion_logprobs(self.old_model, b)[0] for b in batches] if need_old else None
+        ref = [self.completion_logprobs(self.reference_model, b, replay=False)[0] for b in batches] \
+            if self.reference_model else None
+        return old, ref
+
+    def update(self, batch: GlobalBatch, old, ref) -> tuple[dict[str, float], float]:
+        """num_iterations optimizer steps over the micro-batches; returns the summed loss statistics (summed
+        over the ranks) and the last gradient norm."""
+        a = self.recipe.algorithm
         sums: dict[str, float] = {"loss": 0.0, "batches": 0.0, "mismatch": 0.0, "mismatch_tokens": 0.0}
-        scale = distributed.loss_scale()
         self.train_model.train()
-        t2 = time.perf_counter()
         grad_norm = 0.0
         for iteration in range(a.num_iterations):
-            for j, b in enumerate(batches):
-                with distributed.gradient_sync(self.train_model, enabled=j == len(batches) - 1):
-                    lp, ent = self.completion_logprobs(self.train_model, b, entropy=a.entropy_coef != 0)
-                    old_lp = old[j] if old is not None else lp.detach()
-                    if iteration == 0:  # the mismatch is logged once per generation
-                        diff = (old_lp - b["rollout_logprobs"]).abs() * b["mask"]
-                        sums["mismatch"] += float(diff.sum())
-                        sums["mismatch_tokens"] += int(b["mask"].sum())
-                    is_w = truncated_is_weights(old_lp, b["rollout_logprobs"], a.rollout_is_cap) \
-                        if a.rollout_is_cap is not None else None
-                    loss, metrics = policy_loss(
-                        lp, old_lp, b["advantages"], b["mask"], loss_type=a.loss_type,
-                        epsilon=a.epsilon, epsilon_high=a.epsilon_high,
-                        importance_sampling_level=a.importance_sampling_level,
-                        ref_logprobs=ref[j] if ref is not None else None, beta=a.beta, kl_estimator=a.kl_estimator,
-                        num_items_in_batch=max(num_tokens, 1), num_sequences_in_batch=num_seqs,
-                        max_completion_length=r.sampling.max_completion_length, entropy=ent,
-                        entropy_coef=a.entropy_coef, rollout_is_weights=is_w)
-                    (loss * scale).backward()
+            for j, b in enumerate(batch.micro_batches):
+                with distributed.gradient_sync(self.train_model, enabled=j == len(batch.micro_batches) - 1):
+                    loss, metrics = self.micro_batch_loss(b, old[j] if old is not None else None,
+                                                          ref[j] if ref is not None else None, batch,
+                                                          sums if iteration == 0 else None)
+                    (loss * distributed.loss_scale()).backward()
                 weight = float(b["mask"].sum())
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * weight
                 sums["loss"] += float(loss.detach())
-                sums["batches"] += float(j < num_real)
-            grad_norm = distributed.clip_grad_norm(self.policy.parameters(), r.optim.max_grad_norm)
+                sums["batches"] += float(j < batch.num_real)
+            grad_norm = distributed.clip_grad_norm(self.policy.parameters(), self.recipe.optim.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if a.router_bias_update_speed > 0:
-            self._update_router_bias(a.router_bias_update_speed)
+        return distributed.all_reduce_sums(sums), grad_norm
+
+    def micro_batch_loss(self, b: dict[str, torch.Tensor], old_lp: torch.Tensor | None, ref_lp: torch.Tensor | None,
+                         batch: GlobalBatch, mismatch: dict[str, float] | None):
+        """The policy loss of one micro-batch (`policy_loss`, normalized by the global batch's counts).
+        mismatch: where to add the rollout/trainer log-prob mismatch (logged once per generation), or None."""
+        a = self.recipe.algorithm
+        lp, ent = self.completion_logprobs(self.train_model, b, entropy=a.entropy_coef != 0)
+        old_lp = old_lp if old_lp is not None else lp.detach()
+        if mismatch is not None:
+            diff = (old_lp - b["rollout_logprobs"]).abs() * b["mask"]
+            mismatch["mismatch"] += float(diff.sum())
+            mismatch["mismatch_tokens"] += int(b["mask"].sum())
+        is_w = truncated_is_weights(old_lp, b["rollout_logprobs"], a.rollout_is_cap) \
+            if a.rollout_is_cap is not None else None
+        return policy_loss(
+            lp, old_lp, b["advantages"], b["mask"], loss_type=a.loss_type,
+            epsilon=a.epsilon, epsilon_high=a.epsilon_high, importance_sampling_level=a.importance_sampling_level,
+            ref_logprobs=ref_lp, beta=a.beta, kl_estimator=a.kl_estimator,
+            num_items_in_batch=max(batch.everyone.tokens, 1), num_sequences_in_batch=len(batch.everyone.lengths),
+            max_completion_length=self.recipe.sampling.max_completion_length, entropy=ent,
+            entropy_coef=a.entropy_coef, rollout_is_weights=is_w)
+
+    def after_update(self) -> None:
+        """The LR schedule's step, the router bias (aux-loss-free balancing), the rollout engine's weights."""
+        self.lr_schedule.step()
+        speed = self.recipe.algorithm.router_bias_update_speed
+        if speed > 0:
+            self._update_router_bias(speed)
         self._sync_rollout_policy()
         self.engine.update_weights(self.rollout_policy)  # a no-op for our engine, which runs the model itself
-        t_update = time.perf_counter() - t2
-        self.step += 1
-        sums = distributed.all_reduce_sums(sums)
-        denom = max(num_tokens * a.num_iterations, 1)
+
+    def step_metrics(self, batch: GlobalBatch, stats: dict[str, float], sums: dict[str, float], grad_norm: float,
+                     times: dict[str, float], t0: float) -> dict[str, Any]:
+        """The step's logged metrics (TRL's names), all over the global batch."""
+        everyone, a = batch.everyone, self.recipe.algorithm
+        denom = max(everyone.tokens * a.num_iterations, 1)
         lengths = torch.tensor(everyone.lengths, dtype=torch.float32)
         N = len(everyone.lengths)
-        for key in ("dynamic_sampling/groups",):
-            if key in stats:
-                stats[key] = sum(x.stats[key] for x in shares)
-        m = {
+        if "dynamic_sampling/groups" in stats:
+            stats["dynamic_sampling/groups"] = sum(x.stats["dynamic_sampling/groups"] for x in batch.shares)
+        return {
             "step": self.step,
             "reward": float(everyone.rewards.mean()) if N else 0.0,
             "reward_std": float(everyone.rewards.std()) if N > 1 else 0.0,
             **{f"rewards/{k}/mean": _mean(v) for k, v in everyone.per_function.items()},
-            "frac_reward_zero_std": float(adv.metrics["frac_reward_zero_std"]),
+            "frac_reward_zero_std": float(batch.advantages.metrics["frac_reward_zero_std"]),
             "completions/mean_length": float(lengths.mean()) if N else 0.0,
             "completions/max_length": float(lengths.max()) if N else 0.0,
             "completions/clipped_ratio": sum(everyone.truncated) / max(N, 1),
@@ -497,15 +385,13 @@ class GRPOTrainer:
             "rollout/logprob_abs_diff": sums.pop("mismatch") / max(sums.pop("mismatch_tokens"), 1),
             **{k: v / denom for k, v in sums.items()},
             "grad_norm": grad_norm,
-            "learning_rate": self.scheduler.get_last_lr()[0],
-            "time/rollout_s": t_rollout, "time/ref_old_logprobs_s": t_ref, "time/update_s": t_update,
+            "learning_rate": self.lr_schedule.get_last_lr()[0],
+            **times,
             "time/step_s": time.perf_counter() - t0,
             "time/elapsed_s": time.perf_counter() - self.started,
             "tokens_per_s": float(lengths.sum()) / max(time.perf_counter() - t0, 1e-9),
             **stats,
         }
-        self._last_rollout = ro
-        return m
 
     def _update_router_bias(self, speed: float) -> None:
         """The aux-loss-free update from the whole global batch's expert loads: each rank's counts (rollouts,
@@ -550,9 +436,10 @@ class GRPOTrainer:
 
     def evaluate(self) -> dict[str, float]:
         """Greedy pass@1 and format compliance on the held-out rows, graded like the rewards grade."""
-        from .rollout.engine import Engine
-
-        engine = self.engine if isinstance(self.engine, Engine) else None
+        # An engine with its own copy of the weights (vLLM) is left to rollouts: ours evaluates the policy itself.
+        engine = self.engine if self.engine.runs_model_in_place else build_engine(
+            self.rollout_policy, self.tokenizer, dataclasses.replace(self.recipe.rollout, backend="ours"),
+            seed=self.recipe.seed)
         return evaluate_policy(self.rollout_policy, self.tokenizer, self.eval_rows, self.recipe.data.template, engine=engine,
                                max_tokens=self.recipe.sampling.max_completion_length, seed=self.recipe.seed)
 
@@ -563,8 +450,8 @@ class GRPOTrainer:
         optimizer = distributed.optimizer_state(self.policy, self.optimizer)
         path = None
         if self.rank == 0:
-            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
-                     "sampler": self.sampler.state_dict()}
+            state = {"optimizer": optimizer, "scheduler": self.lr_schedule.state_dict(),
+                     "sampler": self.prompt_sampler.state_dict()}
             if self.reference is not None:
                 state["reference"] = self.reference.state_dict()
             path = save_checkpoint(self.out, self.step, self.rollout_policy, self.tokenizer, state,
@@ -573,58 +460,18 @@ class GRPOTrainer:
         return path
 
 
+@dataclass
+class GlobalBatch:
+    """One step's batch as this rank trains on it: its micro-batches (with their advantages, padded with
+    empty ones to the ranks' common count) and what the step needs of the global batch."""
+
+    micro_batches: list[dict[str, torch.Tensor]]
+    num_real: int  # the micro-batches that hold completions (the rest count no token)
+    everyone: RolloutStats  # the global batch, all ranks
+    shares: list[RolloutStats]  # each rank's part
+    advantages: GroupAdvantages  # of the global batch
+
+
 def _mean(values: list[float | None]) -> float | None:
     vals = [v for v in values if v is not None]
     return sum(vals) / len(vals) if vals else None
-
-
-def _concat_rollouts(parts: list[Rollout]) -> Rollout:
-    first = parts[0]
-    return Rollout(
-        [x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.completion_ids],
-        [x for p in parts for x in p.rollout_logprobs], [x for p in parts for x in p.finish_reasons],
-        torch.cat([p.rewards for p in parts]),
-        {k: [x for p in parts for x in p.per_function[k]] for k in first.per_function},
-        [x for p in parts for x in p.texts], [x for p in parts for x in p.prompts],
-        [x for p in parts for x in p.routing])
-
-
-class MetricsLogger:
-    """One JSON line per step (metrics.jsonl), TensorBoard when installed, sample completions (completions.jsonl).
-    start_step: the checkpoint's step the run resumes from (0: a fresh start); what the files hold past it was
-    logged by a run that died before saving it, and is dropped, since this run logs those steps again."""
-
-    def __init__(self, out: Path, tensorboard: bool, start_step: int = 0):
-        for name in ("metrics.jsonl", "completions.jsonl"):
-            cut_log(out / name, start_step)
-        self.metrics = (out / "metrics.jsonl").open("a")
-        self.completions = (out / "completions.jsonl").open("a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                # TensorBoard hides the events of steps >= purge_step written before this one: those being redone.
-                self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
-            except ImportError:
-                self.tb = None
-
-    def log(self, metrics: dict[str, Any]) -> None:
-        self.metrics.write(json.dumps(metrics) + "\n")
-        self.metrics.flush()
-        if self.tb is not None:
-            for k, v in metrics.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self.tb.add_scalar(k, v, metrics["step"])
-
-    def log_completions(self, step: int, ro: Rollout, k: int) -> None:
-        for i in range(min(k, len(ro.texts))):
-            self.completions.write(json.dumps({"step": step, "prompt": ro.prompts[i], "completion": ro.texts[i],
-                                               "reward": float(ro.rewards[i])}) + "\n")
-        self.completions.flush()
-
-    def close(self) -> None:
-        self.metrics.close()
-        self.completions.close()
-        if self.tb is not None:
-            self.tb.close()

@@ -1,86 +1,29 @@
-"""Hugging Face checkpoints: config.json + safetensors (sharded with model.safetensors.index.json), under
+"""Reading Hugging Face checkpoints (writing and the names: `model.hf_format`): config.json + safetensors (sharded with model.safetensors.index.json), under
 the parameter names of transformers' DeepseekV3/V2, so V2/V3/R1 weights load and what we save loads in
 transformers and vLLM. FP8 block-quantized weights (`weight_scale_inv`) are dequantized on load."""
 
 from __future__ import annotations
 
 import json
-import os
-import re
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .config import ModelConfig
+from .hf_format import (  # noqa: F401 - re-exported: the checkpoint API in one place
+    EXPERT_NAME,
+    INDEX_NAME,
+    LAYER_NAME,
+    SINGLE_NAME,
+    CheckpointError,
+    from_hf_name,
+    hf_state_dict,
+    save_pretrained,
+    to_hf_name,
+)
 from .transformer import CausalLM
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
-_EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
-# MTP layers on disk carry copies of the shared embedding and head; in memory they are shared.
-_MTP_SHARED = ("embed_tokens.weight", "shared_head.head.weight")
-_MTP_OWN = ("enorm.", "hnorm.", "eh_proj.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint whose tensors do not match the model its config describes."""
-
-
-# ----- names ---------------------------------------------------------------------------------------
-def _to_hf_name(name: str, num_layers: int) -> str:
-    """Our in-memory name -> the on-disk name (experts are handled separately)."""
-    m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
-    if not m:
-        return name
-    layer, rest = num_layers + int(m.group(1)), m.group(2)
-    rest = rest.removeprefix("block.")
-    rest = rest.replace("shared_head_norm.", "shared_head.norm.")
-    return f"model.layers.{layer}.{rest}"
-
-
-def _from_hf_name(name: str, num_layers: int) -> str | None:
-    """On-disk name -> our name; None for copies of shared tensors that we do not keep."""
-    m = _LAYER.match(name)
-    if not m or int(m.group(1)) < num_layers:
-        return name
-    k, rest = int(m.group(1)) - num_layers, m.group(2)
-    if rest in _MTP_SHARED:
-        return None
-    if rest.startswith("shared_head.norm."):
-        return f"mtp.{k}.shared_head_norm.{rest.removeprefix('shared_head.norm.')}"
-    if rest.startswith(_MTP_OWN):
-        return f"mtp.{k}.{rest}"
-    return f"mtp.{k}.block.{rest}"
-
-
-def hf_state_dict(model: CausalLM) -> Iterator[tuple[str, torch.Tensor]]:
-    """Our weights under transformers' names, experts unstacked, MTP layers with their shared copies."""
-    cfg = model.config
-    L = cfg.num_hidden_layers
-    for name, t in model.state_dict().items():
-        if cfg.tie_word_embeddings and name == "lm_head.weight":
-            continue
-        if name.endswith("experts.gate_up_proj"):
-            prefix = _to_hf_name(name.removesuffix(".gate_up_proj"), L)
-            gate, up = t.chunk(2, dim=1)
-            for e in range(t.shape[0]):
-                yield f"{prefix}.{e}.gate_proj.weight", gate[e]
-                yield f"{prefix}.{e}.up_proj.weight", up[e]
-        elif name.endswith("experts.down_proj"):
-            prefix = _to_hf_name(name.removesuffix(".down_proj"), L)
-            for e in range(t.shape[0]):
-                yield f"{prefix}.{e}.down_proj.weight", t[e]
-        else:
-            yield _to_hf_name(name, L), t
-    for k in range(len(model.mtp)):
-        yield f"model.layers.{L + k}.embed_tokens.weight", model.model.embed_tokens.weight.detach()
-        yield f"model.layers.{L + k}.shared_head.head.weight", model.lm_head.weight.detach()
 
 
 # ----- reading ---------------------------------------------------------------------------------------
@@ -124,7 +67,7 @@ def read_hf_tensors(path: str | Path, block: tuple[int, int] = (128, 128)) -> It
 def _checkpoint_has_mtp(path: Path, num_layers: int) -> bool:
     for file in _checkpoint_files(path):
         with safe_open(str(file), framework="pt") as f:
-            if any((m := _LAYER.match(k)) and int(m.group(1)) >= num_layers for k in f.keys()):  # noqa: SIM118 - safe_open is not a dict
+            if any((m := LAYER_NAME.match(k)) and int(m.group(1)) >= num_layers for k in f.keys()):  # noqa: SIM118 - safe_open is not a dict
                 return True
     return False
 
@@ -152,11 +95,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
     L = cfg.num_hidden_layers
     for key, t in read_hf_tensors(path, block):  # type: ignore[arg-type]
-        m = _EXPERT.match(key)
+        m = EXPERT_NAME.match(key)
         if m:
             experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = t
             continue
-        name = _from_hf_name(key, L)
+        name = from_hf_name(key, L)
         if name is None:
             continue
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -169,7 +112,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
             expected[name].copy_(t)
             loaded.add(name)
     for prefix, per_expert in experts.items():
-        name = _from_hf_name(prefix, L)
+        name = from_hf_name(prefix, L)
         gate_up_name, down_name = f"{name}.gate_up_proj", f"{name}.down_proj"
         if gate_up_name not in expected:
             unexpected.append(f"{prefix}.*")
@@ -197,57 +140,10 @@ def load_pretrained(path: str | Path, dtype: torch.dtype = torch.float32, device
             return ", ".join(items[:12]) + (f" ... ({len(items)} in all)" if len(items) > 12 else "")
         parts = []
         if missing:
-            parts.append(f"missing: {show([_to_hf_name(n, L) for n in missing])}")
+            parts.append(f"missing: {show([to_hf_name(n, L) for n in missing])}")
         if unexpected:
             parts.append(f"unexpected: {show(unexpected)}")
         if misshaped:
             parts.append(f"mis-shaped: {show(misshaped)}")
         raise CheckpointError(f"checkpoint {path} does not match its config.json; " + "; ".join(parts))
     return model
-
-
-# ----- writing ---------------------------------------------------------------------------------------
-def save_pretrained(model: CausalLM, path: str | Path, max_shard_bytes: int = 5 * 1024**3) -> None:
-    """Writes config.json and safetensors (sharded above `max_shard_bytes`) into `path`, atomically:
-    the files are written to a temporary directory beside it, which then replaces `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
-        for name, t in hf_state_dict(model):
-            nbytes = t.numel() * t.element_size()
-            if size and size + nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t.detach().contiguous().clone()
-            size += nbytes
-        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        model.config.save(tmp, dtype=dtype)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_NAME), metadata={"format": "pt"})
-        else:
-            weight_map, total = {}, 0
-            for i, shard in enumerate(shards, start=1):
-                fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-                total += sum(t.numel() * t.element_size() for t in shard.values())
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2, sort_keys=True))
-        # Keep files that are not ours (tokenizer, generation config) when overwriting a directory.
-        if path.exists():
-            for f in path.iterdir():
-                if f.is_file() and not (f.suffix == ".safetensors" or f.name in ("config.json", INDEX_NAME)):
-                    shutil.copy2(f, tmp / f.name)
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

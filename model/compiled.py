@@ -35,9 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import native
 from .attention import MLA, LatentDecode
 from .cache import CacheView, PagedCacheView
 from .moe import MLP, MoE, Routing, padded_experts, sort_by_expert, swiglu
+from .native import cache_dir
 from .norm import rms_norm
 
 MAX = 1 << 20  # upper bound of the dynamic dimensions
@@ -50,12 +52,6 @@ def _traced_source_hash() -> str:
 
     files = [__file__, attention.__file__, moe.__file__, norm.__file__]
     return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()[:16]
-
-
-def cache_dir() -> Path:
-    """Where compiled packages are kept: $R1_GRPO_CACHE/aoti, else ~/.cache/r1-grpo/aoti ($XDG_CACHE_HOME honoured)."""
-    root = os.environ.get("R1_GRPO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "r1-grpo"
-    return Path(root) / "aoti"
 
 
 # ----- the graphs: functions of tensors, some arguments fixed to None ------------------------------------
@@ -110,8 +106,6 @@ class CompiledDecode:
         weight = decoder.layers[0].self_attn.kv_b_proj.weight
         self._kernels = None  # `model.native`'s C++ kernels, where they serve (float32 on a CPU)
         if weight.dtype == torch.float32 and weight.device.type == "cpu":
-            from . import native
-
             try:
                 self._kernels = native.decode_kernels(verbose)
             except Exception as e:  # e.g. a compiler without OpenMP: the graphs alone still serve

@@ -22,9 +22,14 @@ import torch
 SOURCES = [Path(__file__).parent / "csrc" / f for f in ("latent_attention.cpp", "routed_experts.cpp", "bindings.cpp")]
 
 
-def _build_dir(flags: list[str]) -> Path:
-    from .compiled import cache_dir  # the same cache root as the AOTI packages
+def cache_dir() -> Path:
+    """Where compiled packages are kept: $R1_GRPO_CACHE/aoti, else ~/.cache/r1-grpo/aoti ($XDG_CACHE_HOME honoured).
+    The kernels built here sit beside them (`cache_dir().parent / "ext"`); `model.compiled` imports this."""
+    root = os.environ.get("R1_GRPO_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "r1-grpo"
+    return Path(root) / "aoti"
 
+
+def _build_dir(flags: list[str]) -> Path:
     # -march=native code is only valid on this CPU's instruction set: keyed by it, torch's version, the flags
     # and the sources
     source = b"".join(f.read_bytes() for f in SOURCES).hex()

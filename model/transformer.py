@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import MLA
 from .cache import CacheView
 from .config import ModelConfig
+from .hf_format import save_pretrained
 from .moe import MLP, MoE
 from .norm import RMSNorm
 from .rope import RotaryTable, rope_matrices
@@ -149,7 +150,27 @@ class CausalLM(nn.Module):
                 absorb: bool = False, routing: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, V]. See `hidden_states` for the arguments."""
         hidden = self.hidden_states(input_ids, positions, attention_mask, cache, absorb, routing)
-        return self.lm_head(self.model.norm(hidden))
+        return self.logits(hidden)
+
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last block's output [..., D] (`hidden_states`) normalized as the LM head reads it [..., D];
+        the head itself is `lm_head` (callers computing chunked log-probs multiply by `lm_head.weight`)."""
+        return self.model.norm(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [..., D] (the last block's output, `hidden_states`) -> logits [..., V]: the final
+        norm, then the LM head."""
+        return self.lm_head(self.final_norm(hidden))
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The decoder blocks, in order (the units FSDP shards and a parameter count walks)."""
+        return self.model.layers
+
+    @property
+    def compiled_decode(self):
+        """The compiled decode step (`model.compiled.CompiledDecode`) once `compile_decode` has run, else None."""
+        return self.model.compiled_decode
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                       attention_mask: torch.Tensor | None = None, cache: CacheView | None = None,
@@ -309,8 +330,6 @@ class CausalLM(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3) -> None:
         """Writes a Hugging Face checkpoint (config.json + safetensors) that transformers and vLLM load."""
-        from .checkpoint import save_pretrained
-
         save_pretrained(self, path, max_shard_bytes)
 
     # ----- construction ------------------------------------------------------------------------------

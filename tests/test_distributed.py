@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from grpo import distributed
+from grpo.build import build_policy, build_tokenizer
 from grpo.cli import main
 from grpo.config import RecipeError, load_recipe
-from grpo.trainer import GRPOTrainer, build_policy, build_tokenizer
+from grpo.trainer import GRPOTrainer
 from model import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,26 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from grpo.benchmarks import SHARED_DATA_DIR, load_benchmark, load_eval_rows
 from grpo.cli import main
 from grpo.data import load_rows
+from grpo.estimators import majority_at_k, mean_at_n, pass_at_k
 from grpo.evaluation import (
     SAMPLE_FIELDS,
-    SHARED_DATA_DIR,
     check_sampling,
-    encode_prompt,
     evaluate,
     evaluate_policy,
     format_table,
-    grade_samples,
-    load_benchmark,
-    load_eval_rows,
-    majority_at_k,
-    mean_at_n,
     parse_ks,
-    pass_at_k,
     write_eval,
 )
+from grpo.grading import grade_samples
 from grpo.rollout.outputs import Completion, RequestOutput
+from grpo.templates import encode_prompt
 from model import build_model
 from model.presets import preset_config
 from model.tokenizer import build_char_tokenizer
@@ -94,7 +90,7 @@ def test_majority_abstentions_and_errors():
 def test_batched_grouping_agrees_with_majority_at_k_and_a_naive_vote():
     import random
 
-    from grpo.evaluation import group_answers_many, majority_vote
+    from grpo.estimators import group_answers_many, majority_vote
 
     def same_value(a, b):
         return Fraction(a) == Fraction(b)

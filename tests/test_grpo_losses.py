@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from grpo.advantages import group_advantages
-from grpo.losses import LOSS_TYPES, kl_penalty, policy_loss, truncated_is_weights
+from grpo.losses import POLICY_LOSSES, kl_penalty, policy_loss, register_policy_loss, truncated_is_weights
 
 E = math.exp
 
@@ -204,7 +204,7 @@ def test_zero_advantage_groups_give_exactly_zero_gradient():
     torch.manual_seed(0)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]] * 3)
     old = -torch.rand(6, 4) * 3
-    for loss_type in LOSS_TYPES:
+    for loss_type in POLICY_LOSSES:
         for level in ("token", "sequence"):
             logprobs = (old + torch.randn(6, 4) * 0.3).requires_grad_()
             loss, _ = policy_loss(
@@ -275,7 +275,7 @@ def _random_batch(seed=0, batch=6, length=5):
 
 
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+@pytest.mark.parametrize("loss_type", list(POLICY_LOSSES))
 def test_micro_batches_with_global_counts_sum_to_the_full_batch(loss_type, level):
     logprobs, old, advantages, mask, ref, entropy, weights = _random_batch()
     options = {
@@ -326,3 +326,29 @@ def test_micro_batches_with_global_counts_sum_to_the_full_batch(loss_type, level
         rank_grads[r][rows[0] : rows[1]] = calls[0][1]
         rank_grads[r][rows[1] : rows[2]] = calls[1][1]
     assert torch.allclose((rank_grads[0] + rank_grads[1]) / world, full_grad, atol=1e-7)
+
+
+def test_cispo_clips_the_detached_weight_and_keeps_every_tokens_gradient():
+    # logp = OLD + LOG_RATIO = [[-0.75, -2.3, -0.5], [-1.4, -1.0, pad]]; epsilon 0.2: weights clipped to [0.8, 1.2].
+    #  seq 0, A = 1:    w = clip(e^0.25) = 1.2, clip(e^-0.3) = 0.8, 1   -> -w A logp = 0.9, 1.84, 0.5
+    #  seq 1, A = -0.5: w = e^0.1 (inside), clip(e^-0.3) = 0.8          -> -w A logp = -0.7 e^0.1, -0.4
+    # A token-level mean over the 5 real tokens, like dapo.
+    logprobs = _logprobs()
+    loss, _ = _loss(logprobs, loss_type="cispo")
+    assert loss.item() == pytest.approx((0.9 + 1.84 + 0.5 - 0.7 * E(0.1) - 0.4) / 5, rel=1e-6)
+    loss.backward()
+    # d/dlogp = -w A / 5: the clipped tokens keep a gradient (PPO's clip gives them none), the padding none.
+    expected = torch.tensor([[-1.2, -0.8, -1.0], [0.5 * E(0.1), 0.4, 0.0]]) / 5
+    assert torch.allclose(logprobs.grad, expected, atol=1e-7)
+
+
+def test_a_registered_loss_is_a_recipe_loss_type_and_a_bad_name_lists_the_registry():
+    from grpo.config import RecipeError, load_recipe
+
+    assert load_recipe(overrides=["model.preset=micro", "algorithm.loss_type=cispo"]).algorithm.loss_type == "cispo"
+    with pytest.raises(RecipeError, match=r"algorithm.loss_type: 'ppo' is not allowed; allowed: .*'dapo'.*'cispo'"):
+        load_recipe(overrides=["model.preset=micro", "algorithm.loss_type=ppo"])
+    with pytest.raises(ValueError, match="already registered"):
+        register_policy_loss("dapo", aggregate="token_mean")(lambda t: t.ratio)
+    with pytest.raises(ValueError, match="aggregate"):
+        register_policy_loss("new", aggregate="median")

@@ -9,35 +9,13 @@ from grpo.config import load_recipe
 from grpo.trainer import GRPOTrainer
 from model import load_pretrained
 
-REWARD = '''
-def sevens(prompts, completions, completion_ids=None, **kw):
-    """The share of the completion's characters that are '7': dense, so a random model gets signal."""
-    return [c.count("7") / max(len(c), 1) for c in completions]
-'''
+# A dense reward (`sevens`, tests/conftest.py) on the micro model, 30 steps: enough for it to learn.
+RECIPE = {"max_steps": 30, "seed": 3, "sampling": {"num_generations": 8},
+          "algorithm": {"loss_type": "dapo", "epsilon_high": 0.28}}
 
 
-def recipe_file(tmp_path, **extra):
-    (tmp_path / "my_rewards.py").write_text(REWARD)
-    text = f"""
-output_dir: {tmp_path / "run"}
-max_steps: 30
-seed: 3
-prompts_per_step: 4
-model: {{preset: micro}}
-data: {{source: addition, template: "{{prompt}}=", limit: 64}}
-rewards: [{{name: "{tmp_path / 'my_rewards.py'}:sevens"}}]
-sampling: {{num_generations: 8, max_completion_length: 6}}
-algorithm: {{loss_type: dapo, epsilon_high: 0.28}}
-optim: {{lr: 3.0e-3, micro_batch_size: 16}}
-logging: {{save_every: 1000, tensorboard: false, progress_bar: false}}
-"""
-    path = tmp_path / "recipe.yaml"
-    path.write_text(text)
-    return path
-
-
-def test_grpo_raises_the_reward_of_a_toy_task(tmp_path):
-    recipe = load_recipe(recipe_file(tmp_path))
+def test_grpo_raises_the_reward_of_a_toy_task(tmp_path, micro_recipe):
+    recipe = load_recipe(micro_recipe(**RECIPE))
     history = GRPOTrainer(recipe).train()
     first = sum(h["reward"] for h in history[:5]) / 5
     last = sum(h["reward"] for h in history[-5:]) / 5
@@ -51,16 +29,16 @@ def test_grpo_raises_the_reward_of_a_toy_task(tmp_path):
     assert (tmp_path / "run" / "completions.jsonl").exists()
 
 
-def test_periodic_evaluation_is_logged(tmp_path):
-    recipe = load_recipe(recipe_file(tmp_path), ["max_steps=2", "logging.eval_steps=1", "data.eval_limit=4"])
+def test_periodic_evaluation_is_logged(tmp_path, micro_recipe):
+    recipe = load_recipe(micro_recipe(**RECIPE), ["max_steps=2", "logging.eval_steps=1", "data.eval_limit=4"])
     history = GRPOTrainer(recipe).train()
     assert all("eval/pass@1" in h and "eval/format" in h for h in history)
     logged = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert 0.0 <= logged[-1]["eval/pass@1"] <= 1.0
 
 
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
-    path = recipe_file(tmp_path)
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, micro_recipe):
+    path = micro_recipe(**RECIPE)
     straight = load_recipe(path, ["max_steps=4", f"output_dir={tmp_path / 'a'}", "logging.save_every=2"])
     GRPOTrainer(straight).train()
     first = load_recipe(path, ["max_steps=2", f"output_dir={tmp_path / 'b'}", "logging.save_every=2"])
@@ -75,8 +53,8 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path):
     assert not all(torch.equal(a[k], start[k]) for k in a)  # training did move the weights
 
 
-def test_bad_input_stops_with_one_error_and_leaves_checkpoints_alone(tmp_path, capsys):
-    path = recipe_file(tmp_path)
+def test_bad_input_stops_with_one_error_and_leaves_checkpoints_alone(tmp_path, micro_recipe, capsys):
+    path = micro_recipe(**RECIPE)
     assert main(["train", str(path), "max_steps=1", "logging.save_every=1"]) == 0
     ckpts = tmp_path / "run" / "checkpoints"
     before = sorted(p.name for p in ckpts.iterdir())

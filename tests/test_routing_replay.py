@@ -88,31 +88,16 @@ def test_engine_records_the_experts_of_every_fed_token(num_blocks):
     assert plain[0].completions[0].routed_experts is None
 
 
-def tiny_recipe(tmp_path, replay: bool, backend: str = "ours"):
-    (tmp_path / "dense.py").write_text(
-        "def sevens(prompts, completions, **kw):\n    return [c.count('7') / max(len(c), 1) for c in completions]\n")
-    path = tmp_path / "recipe.yaml"
-    path.write_text(f"""
-output_dir: {tmp_path / "run"}
-max_steps: 2
-seed: 0
-prompts_per_step: 2
-model: {{preset: micro}}
-data: {{source: addition, template: "{{prompt}}=", limit: 16}}
-rewards: [{{name: "{tmp_path / 'dense.py'}:sevens"}}]
-sampling: {{num_generations: 4, max_completion_length: 8}}
-rollout: {{backend: {backend}}}
-algorithm: {{routing_replay: {str(replay).lower()}}}
-optim: {{lr: 1.0e-3, micro_batch_size: 8}}
-logging: {{save_every: 1000, tensorboard: false, progress_bar: false}}
-""")
-    return path
+def tiny_recipe(micro_recipe, replay: bool, backend: str = "ours"):
+    return micro_recipe(prompts_per_step=2, data={"limit": 16}, sampling={"max_completion_length": 8},
+                        rollout={"backend": backend}, algorithm={"routing_replay": replay},
+                        optim={"lr": 1.0e-3, "micro_batch_size": 8})
 
 
-def test_trainer_replays_the_rollout_routing_after_the_router_moved(tmp_path):
-    trainer = GRPOTrainer(load_recipe(tiny_recipe(tmp_path, replay=True)))
+def test_trainer_replays_the_rollout_routing_after_the_router_moved(micro_recipe):
+    trainer = GRPOTrainer(load_recipe(tiny_recipe(micro_recipe, replay=True)))
     ro, _ = trainer.collect()
-    batch = trainer._batch(ro, list(range(len(ro.completion_ids))))
+    batch = ro.micro_batch(list(range(len(ro.completion_ids))), routing_replay=True)
     rollout_lp = batch["rollout_logprobs"]
     perturb_router(trainer.policy)  # the router moved between sampling and training
     policy = trainer.policy
@@ -134,17 +119,17 @@ def test_trainer_replays_the_rollout_routing_after_the_router_moved(tmp_path):
     assert metrics["rollout/logprob_abs_diff"] >= 0
 
 
-def test_routing_replay_needs_our_engine(tmp_path):
+def test_routing_replay_needs_our_engine(micro_recipe):
     with pytest.raises(RecipeError, match="algorithm.routing_replay"):
-        load_recipe(tiny_recipe(tmp_path, replay=True, backend="vllm"))
+        load_recipe(tiny_recipe(micro_recipe, replay=True, backend="vllm"))
 
 
-def test_bfloat16_computes_in_bf16_and_updates_float32_master_weights(tmp_path):
-    recipe = load_recipe(tiny_recipe(tmp_path, replay=False), ["model.dtype=bfloat16", "max_steps=1", "optim.lr=1e-6"])
+def test_bfloat16_computes_in_bf16_and_updates_float32_master_weights(micro_recipe):
+    recipe = load_recipe(tiny_recipe(micro_recipe, replay=False), ["model.dtype=bfloat16", "max_steps=1", "optim.lr=1e-6"])
     trainer = GRPOTrainer(recipe)
     assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())
     ro, _ = trainer.collect()
-    batch = trainer._batch(ro, list(range(len(ro.completion_ids))))
+    batch = ro.micro_batch(list(range(len(ro.completion_ids))), routing_replay=True)
     with torch.no_grad():
         bf16_lp, _ = trainer.completion_logprobs(trainer.policy, batch)
     fp32_lp = batch["rollout_logprobs"]  # the engine ran the same float32 weights without autocast

@@ -26,7 +26,7 @@ from .sequence import Sequence, Status
 
 
 class Engine:
-    """Generates completions with our DeepSeek-V3 model over a paged latent KV cache.
+    """Generates completions with our DeepSeek-V3 model over a paged latent KV cache (a `RolloutEngine`).
 
     cache_memory_bytes: the pool's size (rounded down to whole blocks); or give num_blocks.
     tokenizer: needed for stop strings and returned text; its eos_token_id ends sequences.
@@ -65,6 +65,16 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.last_stats: dict[str, int] = {}
 
+    #: It generates with the model object it was given, so the trainer's optimizer steps need no push.
+    runs_model_in_place = True
+
+    @property
+    def records_routing(self) -> bool:
+        return self.runner.record_routing
+
+    def close(self) -> None:
+        """Nothing to release: the KV cache is freed with the engine."""
+
     def update_weights(self, model: CausalLM | None = None) -> None:
         """The engine already runs the trainer's model in place; pass a different model object to swap."""
         if model is not None and model is not self.model:
@@ -72,14 +82,15 @@ class Engine:
             self._compile_if_asked(model)
 
     def _compile_if_asked(self, model: CausalLM) -> None:
-        if self.compile and model.model.compiled_decode is None:
+        if self.compile and model.compiled_decode is None:
             model.compile_decode(verbose=True)
 
     # ----- the generate loop ----------------------------------------------------------------------------
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """prompts: token ids per request; params: one for all or one per request.
-        Returns, per request in order, its n completions."""
+        Returns, per request in order, its n completions. (One loop from requests to outputs, kept whole so
+        the data flow reads in one place: schedule, run, sample, append, finish.)"""
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")

@@ -103,7 +103,7 @@ class ModelRunner:
             if any(n - c != 1 for n, c in zip(lens, starts)):
                 raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
             ids, positions, slots = self._decode_inputs(seqs)
-            compiled = self.model.model.compiled_decode
+            compiled = self.model.compiled_decode
             if compiled is not None and compiled.reads_pages:
                 view = self._paged_view(seqs, positions, slots, S)
             else:  # attention that wants each sequence's context contiguous
@@ -127,4 +127,4 @@ class ModelRunner:
                 chunk = routing[b, : n - c].to(torch.int16).cpu()
                 s.routing = [chunk] if c == 0 else [*s.routing, chunk]  # c == 0: a (re)computed prefill
             s.num_cached = s.num_tokens
-        return self.model.lm_head(self.model.model.norm(last)).float()
+        return self.model.logits(last).float()

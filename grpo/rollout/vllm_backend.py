@@ -143,7 +143,11 @@ class VLLMEngine:
     in_process: run vLLM's engine in this process (sets VLLM_ENABLE_V1_MULTIPROCESSING=0 for the process).
     tokenizer: used to decode `Completion.text` and for the EOS id; `generate(tokenizer=...)` overrides it.
     vllm_kwargs: passed on to `vllm.LLM` (max_num_seqs, tensor_parallel_size, ...).
+    A `RolloutEngine`: it holds its own copy of the weights and does not return the experts it routed to.
     """
+
+    records_routing = False
+    runs_model_in_place = False
 
     def __init__(self, checkpoint_dir: str | os.PathLike[str], *, dtype: str = "auto",
                  updatable_weights: bool = True, attention_backend: str | None = None,

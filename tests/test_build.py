@@ -1,0 +1,36 @@
+"""grpo/build.py: a recipe becomes its pieces one way; the engine applies recipe.rollout wherever it is built,
+and both engines answer the RolloutEngine protocol's questions."""
+
+from grpo.build import build_engine, build_optimizer, build_policy, build_rewards, build_rows, build_tokenizer
+from grpo.config import load_recipe
+from grpo.rollout.engine import Engine
+from grpo.rollout.protocol import RolloutEngine
+from grpo.rollout.vllm_backend import VLLMEngine
+
+
+def test_the_engine_applies_the_recipes_rollout_section():
+    recipe = load_recipe(overrides=["model.preset=micro", "rollout.block_size=8", "rollout.max_num_seqs=5",
+                                    "algorithm.routing_replay=true"])
+    tokenizer = build_tokenizer(recipe)
+    policy = build_policy(recipe, tokenizer)
+    engine = build_engine(policy, tokenizer, recipe.rollout, seed=recipe.seed,
+                          record_routing=recipe.algorithm.routing_replay)
+    assert (engine.block_size, engine.max_num_seqs) == (8, 5)
+    assert engine.records_routing and engine.runs_model_in_place
+    engine.close()
+
+
+def test_both_engines_declare_what_the_protocol_asks():
+    for cls in (Engine, VLLMEngine):
+        for name in ("generate", "update_weights", "close", "records_routing", "runs_model_in_place"):
+            assert hasattr(cls, name), (cls.__name__, name)
+    assert VLLMEngine.records_routing is False and VLLMEngine.runs_model_in_place is False
+    assert RolloutEngine.__doc__
+
+
+def test_rows_rewards_and_optimizer_follow_the_recipe():
+    recipe = load_recipe(overrides=["model.preset=micro", "data.limit=5", "optim.warmup_steps=2", "optim.lr=0.5"])
+    assert len(build_rows(recipe)) == 5 and len(build_rows(recipe, limit=3)) == 3
+    assert list(build_rewards(recipe).names) == [r.name for r in recipe.rewards]
+    _, lr_schedule = build_optimizer(recipe, build_policy(recipe, build_tokenizer(recipe)))
+    assert lr_schedule.get_last_lr() == [0.25]  # warmup: step 0 of 2
