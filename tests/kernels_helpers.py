@@ -1,5 +1,9 @@
 """Shared by the kernel tests: Triton's interpreter switched on for CPU tensors (it must be, before triton is
-first imported), and a `device` fixture over the devices the Triton kernels can run on here."""
+first imported), and a `device` fixture over the devices the Triton kernels can run on here.
+
+In the whole suite an earlier test module has imported triton already (transformers imports torch._dynamo,
+which imports triton): the CPU cases then skip here and tests/test_kernels_interpreted.py runs these modules
+again in a subprocess with TRITON_INTERPRET=1."""
 
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ def triton_devices() -> list:
     if torch.cuda.is_available():
         params.append("cuda")
     reason = ("triton is not installed" if not _triton.available() else
-              "triton was imported before TRITON_INTERPRET=1 could be set" if not _triton.interpreting() else None)
+              "triton was imported before TRITON_INTERPRET=1 could be set (test_kernels_interpreted.py runs these in "
+              "a subprocess)" if not _triton.interpreting() else None)
     params.append(pytest.param("cpu", marks=pytest.mark.skipif(reason is not None, reason=reason or "")))
     return params
 

@@ -4,6 +4,7 @@ in a subprocess, since the test process runs Triton's interpreter). Prints share
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
+# not imported here: this process's triton must first be put in interpreter mode (tests/kernels_helpers.py)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -9,7 +9,7 @@ import torch
 from tests.kernels_helpers import device  # noqa: F401  (the fixture)
 
 from model import kernels  # isort: skip
-from model.kernels import decode_attention, reference  # isort: skip
+from model.kernels import _triton, decode_attention, reference  # isort: skip
 
 
 def _paged(B, H, rank, dr, block_size, lengths, dtype, on, W=None, seed=0):
@@ -93,3 +93,37 @@ def test_dispatch_chooses_triton_on_cuda(monkeypatch):
     q, pool, tables, lens = _paged(1, 2, 8, 16, 4, [3], torch.bfloat16, "cuda")
     kernels.paged_latent_attention(q, pool, tables, lens, 4, 8, 1.0)
     assert calls == [1]
+
+
+def test_eager_decode_over_a_paged_view_runs_the_dispatched_kernel(monkeypatch):
+    """`Block.decode` over a `PagedCacheView` attends through `model.kernels` (here forced to the Triton kernel,
+    interpreted) and gives the logits of the decode over the same context listed slot by slot."""
+    from model import LatentCache, build_model
+    from model.cache import CacheView, PagedCacheView
+    from model.presets import preset_config
+
+    if not _triton.interpreting():
+        pytest.skip("needs Triton's interpreter")
+    model = build_model(preset_config("micro", vocab_size=61, num_hidden_layers=2), seed=1).eval()
+    bs, g = 3, torch.Generator().manual_seed(4)
+    cache = LatentCache(model.config, num_slots=10 * bs)
+    cache.data.normal_(generator=g)
+    tables = torch.tensor([[7, 2, 9], [4, 0, 0]], dtype=torch.int32)
+    lengths = torch.tensor([8, 2])
+    write = torch.tensor([[9 * bs + 1], [4 * bs + 1]])
+    paged = PagedCacheView(cache, write, None, block_tables=tables, lengths=lengths, block_size=bs, max_length=8)
+    paged.read(0)  # works out the slots the tables name
+    listed = CacheView(cache, write, paged.context_slots)
+    paged.context_slots = None
+    ids, positions = torch.tensor([[5], [6]]), (lengths - 1)[:, None]
+    calls = []
+    real = decode_attention.paged_latent_attention
+    monkeypatch.setattr(decode_attention, "paged_latent_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("R1_GRPO_KERNELS", "triton")
+    with torch.no_grad():
+        got = model(ids, positions=positions, cache=paged, absorb=True)
+    monkeypatch.setenv("R1_GRPO_KERNELS", "reference")
+    with torch.no_grad():
+        want = model(ids, positions=positions, cache=listed, absorb=True)
+    assert len(calls) == model.config.num_hidden_layers
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

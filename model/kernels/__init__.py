@@ -10,13 +10,19 @@ the kernel in Triton's interpreter (tests)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
 
-from . import _triton, reference
+from . import reference
 
 IMPLS = ("triton", "cpu", "reference")
+
+
+def _triton_installed() -> bool:
+    """Whether triton can be imported (found without importing it: the Triton modules load on first use)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def _native():
@@ -39,7 +45,7 @@ def select_impl(device: torch.device, dtype: torch.dtype, impl: str | None = Non
         if impl == "cpu" and not has_cpu_op:
             raise ValueError("impl='cpu': this kernel has no C++ op; choose 'triton' or 'reference'")
         return impl
-    if device.type == "cuda" and _triton.available():
+    if device.type == "cuda" and _triton_installed():
         return "triton"
     if has_cpu_op and device.type == "cpu" and dtype == torch.float32 and _native() is not None:
         return "cpu"
