@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import CacheView
+from . import kernels
+from .cache import CacheView, PagedCacheView
 from .config import ModelConfig
 from .norm import RMSNorm, rms_norm
 from .rope import apply_rope
@@ -136,6 +137,15 @@ class MLA(nn.Module):
     def decode_attend(self, q: torch.Tensor, context: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """See `LatentDecode.attend`."""
         return self.decode.attend(q, context, bias, *self.decode_weights()[1])
+
+    def decode_attend_paged(self, q: torch.Tensor, cache: PagedCacheView) -> torch.Tensor:
+        """`decode_attend` reading the paged pool in place through the block tables (`model.kernels`: Triton
+        on CUDA, the C++ op on a CPU where built, else PyTorch's over the gathered context): q [B, H, r + dr]
+        -> [B, D]."""
+        pool = cache.cache.data[self.layer_idx]
+        out_latent = kernels.paged_latent_attention(q.to(pool.dtype), pool, cache.block_tables, cache.lengths,
+                                                    cache.block_size, self.kv_lora_rank, self.softmax_scale)
+        return self.decode.project_out(out_latent.to(q.dtype), *self.decode_weights()[1])
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                          mask: torch.Tensor | None) -> torch.Tensor:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import native
+from . import kernels, native
 from .attention import MLA, LatentDecode
 from .cache import CacheView, PagedCacheView
 from .moe import MLP, MoE, Routing, padded_experts, sort_by_expert, swiglu
@@ -161,9 +161,9 @@ class CompiledDecode:
         over a paged view it reads the pool in place through the block tables), else PyTorch's."""
         if self._kernels is not None and q.dtype == torch.float32 and q.device.type == "cpu":
             if isinstance(cache, PagedCacheView):
-                return self._kernels.latent_attention_paged(q, cache.cache.data[layer], cache.block_tables,
-                                                            cache.lengths, cache.block_size, decode.kv_lora_rank,
-                                                            decode.softmax_scale)
+                return kernels.paged_latent_attention(q, cache.cache.data[layer], cache.block_tables, cache.lengths,
+                                                      cache.block_size, decode.kv_lora_rank, decode.softmax_scale,
+                                                      impl="cpu")
             return self._kernels.latent_attention(q, cache.read_buffer(layer), bias, decode.kv_lora_rank,
                                                   decode.softmax_scale)
         return decode.attention(q, cache.read(layer), bias)

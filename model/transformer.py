@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import MLA
-from .cache import CacheView
+from .cache import CacheView, PagedCacheView
 from .config import ModelConfig
 from .hf_format import save_pretrained
 from .moe import MLP, MoE
@@ -61,7 +61,10 @@ class Block(nn.Module):
         attn = self.self_attn
         q, latent = attn.decode_query_and_latent(self.input_layernorm(x), rope)
         cache.write(attn.layer_idx, latent[:, None])
-        h = x + attn.decode_attend(q, cache.read(attn.layer_idx), bias)
+        if isinstance(cache, PagedCacheView):  # read in place (model.kernels)
+            h = x + attn.decode_attend_paged(q, cache)
+        else:
+            h = x + attn.decode_attend(q, cache.read(attn.layer_idx), bias)
         return h + self.mlp(self.post_attention_layernorm(h)[:, None])[:, 0]
 
 

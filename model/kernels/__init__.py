@@ -1,0 +1,165 @@
+"""One entry per kernel, for the eager step, the compiled step and training alike. Each entry picks its
+implementation from the tensors' device and dtype:
+
+    CUDA with Triton installed                  -> the Triton kernel (decode_attention.py, lm_head.py, moe.py)
+    CPU float32 with `model.native` built       -> our C++ op (decode attention and routed experts only)
+    anything else                               -> the plain PyTorch reference (reference.py)
+
+`impl=` ("triton", "cpu", "reference") forces one, as does $R1_GRPO_KERNELS; "triton" on CPU tensors runs
+the kernel in Triton's interpreter (tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from . import reference
+
+IMPLS = ("triton", "cpu", "reference")
+
+
+def _triton_installed() -> bool:
+    """Whether triton can be imported (found without importing it: the Triton modules load on first use)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _native():
+    """`model.native`'s C++ kernels if this process has already built or loaded them (they take some 50 s
+    to compile the first time on a machine, which an eager call must not pay unasked), else None."""
+    from .. import native
+
+    if native.decode_kernels.cache_info().currsize == 0:
+        return None
+    return native.decode_kernels()
+
+
+def select_impl(device: torch.device, dtype: torch.dtype, impl: str | None = None, has_cpu_op: bool = False) -> str:
+    """The implementation an entry runs on tensors of `device` and `dtype`: `impl` if given (else
+    $R1_GRPO_KERNELS), else by the table in this module's docstring."""
+    impl = impl or os.environ.get("R1_GRPO_KERNELS") or None
+    if impl is not None:
+        if impl not in IMPLS:
+            raise ValueError(f"unknown kernel implementation {impl!r}; choose one of {IMPLS}")
+        if impl == "cpu" and not has_cpu_op:
+            raise ValueError("impl='cpu': this kernel has no C++ op; choose 'triton' or 'reference'")
+        return impl
+    if device.type == "cuda" and _triton_installed():
+        return "triton"
+    if has_cpu_op and device.type == "cpu" and dtype == torch.float32 and _native() is not None:
+        return "cpu"
+    return "reference"
+
+
+def paged_latent_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor,
+                           block_size: int, rank: int, scale: float, impl: str | None = None) -> torch.Tensor:
+    """One decode step of weight-absorbed MLA attention, reading the paged latent pool in place:
+    softmax(scale * q . c_s) . c_s[:rank] over positions s < lengths[b] of sequence b, whose position s lives
+    in slot block_tables[b, s // block_size] * block_size + s % block_size.
+
+    q:            [B, H, R] the query in latent space: q_nope . W_UK [.., :rank] then the roped q_pe (R = rank + dr)
+    pool:         [N, R] one layer of the `LatentCache` (normalized latent, then the roped key), q's dtype
+    block_tables: [B, W] int32; lengths: [B] int64 (0: an empty context, whose output is zeros)
+    scale:        the softmax scale, YaRN's mscale already applied (`ModelConfig.softmax_scale`)
+    Returns [B, H, rank] in q's dtype (float32, float16 or bfloat16; accumulated in float32)."""
+    if pool.dtype != q.dtype or q.shape[-1] != pool.shape[-1] or q.shape[-1] <= rank:
+        raise ValueError(f"paged_latent_attention: need q [B, H, R] and pool [N, R] of one dtype with R > rank={rank}, "
+                         f"got {tuple(q.shape)} {q.dtype} and {tuple(pool.shape)} {pool.dtype}")
+    chosen = select_impl(q.device, q.dtype, impl, has_cpu_op=True)
+    if chosen == "triton":
+        from . import decode_attention
+
+        return decode_attention.paged_latent_attention(q, pool, block_tables, lengths, block_size, rank, scale)
+    if chosen == "cpu":
+        from .. import native
+
+        return native.decode_kernels().latent_attention_paged(
+            q.contiguous(), pool, block_tables.to(torch.int32), lengths.to(torch.int64), block_size, rank, float(scale))
+    return reference.paged_latent_attention(q, pool, block_tables, lengths, block_size, rank, scale)
+
+
+def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     temperature: float | torch.Tensor = 1.0, with_entropy: bool = False, impl: str | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log_softmax(hidden @ weight.T / temperature)[targets] per token, and (with_entropy) the entropy of that
+    distribution, without the [N, V] logits ever held whole; differentiable in hidden and weight.
+
+    hidden:      [..., D] final hidden states (after the final norm); weight: [V, D] the LM head, same dtype
+    targets:     [...] int token ids in [0, V)
+    temperature: a float, or [...] one per token (positive)
+    Returns logprobs [...] float32 and entropy [...] float32 (None unless with_entropy)."""
+    if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"lm_head_logprobs: need hidden [..., D], weight [V, D] and targets [...], got "
+                         f"{tuple(hidden.shape)}, {tuple(weight.shape)} and {tuple(targets.shape)}")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1).long()
+    if isinstance(temperature, torch.Tensor):
+        inv_t = (1.0 / temperature.float()).reshape(-1).expand(flat.shape[0])
+    else:
+        if temperature <= 0:
+            raise ValueError(f"lm_head_logprobs: temperature must be positive, got {temperature}")
+        inv_t = torch.full((flat.shape[0],), 1.0 / temperature, dtype=torch.float32, device=hidden.device)
+    chosen = select_impl(hidden.device, hidden.dtype, impl)
+    if chosen == "triton" and flat.shape[0] > 0:
+        from . import lm_head
+
+        if weight.dtype != hidden.dtype:
+            raise ValueError(f"lm_head_logprobs: hidden is {hidden.dtype} but weight is {weight.dtype}")
+        logprobs, entropy, _ = lm_head.lm_head_logprobs(flat, weight, flat_targets, inv_t)
+    else:
+        logprobs, entropy, _ = reference.lm_head_logprobs(flat, weight, flat_targets, 1.0 / inv_t, with_entropy)
+    return logprobs.view(targets.shape), entropy.view(targets.shape) if with_entropy else None
+
+
+def moe_permute(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int, impl: str | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token's row once per chosen expert, in expert order (stable), without a host sync.
+    x [N, D], expert_ids [N, K] int64 -> xs [N*K, D], token_of [N*K] (each row's token), inverse [N*K]
+    (the row of pair n*K + k in xs) and offsets [E + 1] int32 (expert e's rows: offsets[e]:offsets[e+1])."""
+    if select_impl(x.device, x.dtype, impl) == "triton":
+        from . import moe
+
+        return moe.moe_permute(x, expert_ids, n_experts)
+    return reference.moe_permute(x, expert_ids, n_experts)
+
+
+def moe_unpermute(ys: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor, impl: str | None = None
+                  ) -> torch.Tensor:
+    """The experts' rows back to their tokens, weighted, by gathers (no atomics): ys [N*K, D] in expert order,
+    inverse [N*K] (`moe_permute`), weights [N, K] -> sum_k weights[n, k] ys[inverse[n*K + k]]  [N, D], ys' dtype."""
+    if select_impl(ys.device, ys.dtype, impl) == "triton":
+        from . import moe
+
+        return moe.moe_unpermute(ys, inverse, weights)
+    return reference.moe_unpermute(ys, inverse, weights)
+
+
+def grouped_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, swiglu: bool = False,
+                 impl: str | None = None) -> torch.Tensor:
+    """Each expert's rows times its matrix, all experts in one launch: xs [M, K] in expert order, w [E, N, K]
+    (nn.Linear's layout, as `Experts` stores it), offsets [E + 1] int32 (`moe_permute`) -> [M, N];
+    swiglu: w is gate_up [E, 2I, K] and the result silu(gate) * up [M, I]. xs' dtype, float32 accumulation.
+    Forward only (no autograd)."""
+    if select_impl(xs.device, xs.dtype, impl) == "triton":
+        from . import moe
+
+        return moe.grouped_gemm(xs, w, offsets, swiglu)
+    return reference.grouped_gemm(xs, w, offsets, swiglu)
+
+
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                   down_proj: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   impl: str | None = None) -> torch.Tensor:
+    """sum_k weights[:, k] * expert_{ids[:, k]}(x), each expert a SwiGLU MLP, forward only (inference).
+    x [N, D], weights/expert_ids [N, K], gate_up_proj [E, 2I, D], down_proj [E, D, I] (`Experts`' parameters);
+    packed: `Experts.packed_weights()`, which the C++ op needs (without it that path is not taken) -> [N, D]."""
+    chosen = select_impl(x.device, x.dtype, impl, has_cpu_op=packed is not None)
+    if chosen == "cpu":
+        from .. import native
+
+        return native.decode_kernels().routed_experts(torch.zeros_like(x), x, weights.to(x.dtype), expert_ids.long(),
+                                                     *packed)
+    xs, _, inverse, offsets = moe_permute(x, expert_ids, gate_up_proj.shape[0], impl=chosen)
+    h = grouped_gemm(xs, gate_up_proj, offsets, swiglu=True, impl=chosen)
+    return moe_unpermute(grouped_gemm(h, down_proj, offsets, impl=chosen), inverse, weights.to(x.dtype), impl=chosen)

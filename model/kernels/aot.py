@@ -1,0 +1,133 @@
+"""Compile every Triton kernel of `model.kernels` ahead of time for GPUs this machine need not have, at the
+tile sizes and dtypes the dispatch launches: a CI check that each compiles and fits the card's shared memory.
+
+    python -m model.kernels.aot [--arch 90 80]
+
+prints per kernel and architecture its shared memory and, for kernels with a tl.dot, whether the Hopper PTX
+multiplies with wgmma; exits 1 if any kernel fails to compile or needs more shared memory than the card has.
+Run it with TRITON_INTERPRET unset (the interpreter's kernels cannot be compiled)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from . import decode_attention, lm_head, moe
+
+#: Shared memory a block may use, bytes (H100/H200: 227 KB; A100: 163 KB).
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+@dataclass
+class Spec:
+    """One kernel as a launch compiles it: the argument types (pointers by their element type), constexprs, options."""
+
+    name: str
+    kernel: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    options: dict = field(default_factory=dict)
+    uses_dot: bool = True
+
+
+def _sig(kernel, types: dict[str, str]) -> dict[str, str]:
+    return {name: types[name] for name in kernel.arg_names if name in types}
+
+
+def specs(rank: int = 512, rope_dim: int = 64) -> list[Spec]:
+    """The launches of the dispatch, per dtype (DeepSeek-V3's latent rank and rope dim by default)."""
+    out = []
+    for dtype, t in DTYPES.items():
+        BLOCK_R, BLOCK_DR = decode_attention.block_sizes(rank, rope_dim)
+        splits = decode_attention.MAX_SPLITS
+        out.append(Spec(f"decode_attention.split[{t}]", decode_attention._split_kernel, _sig(
+            decode_attention._split_kernel,
+            dict(q_ptr=f"*{t}", pool_ptr=f"*{t}", tables_ptr="*i32", lengths_ptr="*i64", part_out_ptr="*fp32",
+                 part_lse_ptr="*fp32", scale="fp32", H="i32", rank="i32", rope_dim="i32", block_size="i32",
+                 stride_qb="i32", stride_qh="i32", stride_pool="i32", stride_tb="i32")),
+            dict(BLOCK_H=decode_attention.BLOCK_H, BLOCK_N=decode_attention.BLOCK_N, BLOCK_R=BLOCK_R,
+                 BLOCK_DR=BLOCK_DR, NUM_SPLITS=splits, PRECISION=decode_attention.precision(dtype))))
+        out.append(Spec(f"decode_attention.merge[{t}]", decode_attention._merge_kernel, _sig(
+            decode_attention._merge_kernel,
+            dict(part_out_ptr="*fp32", part_lse_ptr="*fp32", out_ptr=f"*{t}", rank="i32", stride_ob="i32",
+                 stride_oh="i32", H="i32")),
+            dict(BLOCK_R=BLOCK_R, NUM_SPLITS=splits, SPLITS_P2=splits), uses_dot=False))
+
+        blocks = dict(BLOCK_M=lm_head.BLOCK_M, BLOCK_V=lm_head.BLOCK_V, BLOCK_D=lm_head.BLOCK_D,
+                      PRECISION=lm_head._precision(dtype))
+        common = dict(h_ptr=f"*{t}", w_ptr=f"*{t}", targets_ptr="*i64", inv_t_ptr="*fp32", N="i32", V="i32",
+                      D="i32", stride_h="i32", stride_w="i32")
+        out.append(Spec(f"lm_head.forward[{t}]", lm_head._forward_kernel, _sig(lm_head._forward_kernel, dict(
+            common, m_ptr="*fp32", l_ptr="*fp32", s_ptr="*fp32", tz_ptr="*fp32", cols_per_split="i32")),
+            blocks, dict(num_warps=lm_head.NUM_WARPS)))
+        grads = dict(common, lse_ptr="*fp32", ent_ptr="*fp32", g_lp_ptr="*fp32", g_ent_ptr="*fp32",
+                     dh_ptr="*fp32", dw_ptr="*fp32")
+        for name, kernel in (("grad_hidden", lm_head._grad_hidden_kernel), ("grad_weight", lm_head._grad_weight_kernel)):
+            out.append(Spec(f"lm_head.{name}[{t}]", kernel, _sig(kernel, grads),
+                            dict(blocks, HAS_G_LP=True, HAS_G_ENT=True), dict(num_warps=lm_head.NUM_WARPS)))
+
+        gather = dict(BLOCK_ROWS=moe.BLOCK_ROWS, BLOCK_COLS=moe.BLOCK_COLS)
+        out.append(Spec(f"moe.gather_rows[{t}]", moe._gather_rows_kernel, _sig(moe._gather_rows_kernel, dict(
+            x_ptr=f"*{t}", index_ptr="*i64", out_ptr=f"*{t}", M="i32", D="i32", stride_x="i32", stride_o="i32")),
+            gather, uses_dot=False))
+        out.append(Spec(f"moe.unpermute[{t}]", moe._unpermute_kernel, _sig(moe._unpermute_kernel, dict(
+            ys_ptr=f"*{t}", inverse_ptr="*i64", weights_ptr=f"*{t}", out_ptr=f"*{t}", N="i32", D="i32", K="i32",
+            stride_y="i32", stride_o="i32")), gather, uses_dot=False))
+        for swiglu in (False, True):
+            out.append(Spec(f"moe.grouped_gemm{'_swiglu' if swiglu else ''}[{t}]", moe._grouped_gemm_kernel,
+                            _sig(moe._grouped_gemm_kernel, dict(
+                                x_ptr=f"*{t}", w_ptr=f"*{t}", tile_expert_ptr="*i32", tile_start_ptr="*i64",
+                                tile_end_ptr="*i64", out_ptr=f"*{t}", N="i32", K="i32", I="i32", stride_x="i32",
+                                stride_we="i32", stride_wn="i32", stride_o="i32")),
+                            dict(BLOCK_M=moe.BLOCK_M, BLOCK_N=moe.BLOCK_N, BLOCK_K=moe.BLOCK_K, SWIGLU=swiglu,
+                                 PRECISION="ieee" if dtype == torch.float32 else "tf32"),
+                            dict(num_warps=moe.NUM_WARPS)))
+    return out
+
+
+def compile_spec(spec: Spec, arch: int) -> dict:
+    """Compiles one spec for sm_<arch> (pointers assumed 16-byte aligned, as PyTorch allocates) -> its
+    shared memory (bytes), whether the PTX uses wgmma, and the fit to the card."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    pointers = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(spec.kernel.arg_names)
+                if spec.signature.get(name, "").startswith("*")}
+    source = triton.compiler.ASTSource(spec.kernel, spec.signature, spec.constexprs, pointers)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=spec.options)
+    shared = compiled.metadata.shared
+    return {"shared": shared, "fits": shared <= SHARED_LIMIT[arch], "wgmma": "wgmma" in compiled.asm["ptx"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SHARED_LIMIT))
+    parser.add_argument("--only", default="", help="compile only the kernels whose name contains this")
+    args = parser.parse_args(argv)
+    failed = []
+    for spec in specs():
+        if args.only not in spec.name:
+            continue
+        for arch in args.arch:
+            try:
+                r = compile_spec(spec, arch)
+            except Exception as e:
+                failed.append(f"{spec.name} sm_{arch}")
+                print(f"sm_{arch} {spec.name}: FAILED to compile: {type(e).__name__}: {str(e).strip()[:500]}")
+                continue
+            dot = (" wgmma" if r["wgmma"] else " no wgmma") if spec.uses_dot and arch >= 90 else ""
+            print(f"sm_{arch} {spec.name}: shared {r['shared'] / 1024:.1f} KB of {SHARED_LIMIT[arch] // 1024} KB{dot}"
+                  + ("" if r["fits"] else "  TOO MUCH SHARED MEMORY"), flush=True)
+            if not r["fits"]:
+                failed.append(f"{spec.name} sm_{arch}")
+    if failed:
+        print("failed:", ", ".join(failed))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""The plain PyTorch versions of `model.kernels`' entries: what they compute, by definition. Every other
+path is tested against these, and they serve where no faster path does (any device, any dtype)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def paged_latent_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor,
+                           block_size: int, rank: int, scale: float) -> torch.Tensor:
+    """softmax(scale * q . c) . c[..., :rank] over each sequence's first lengths[b] positions, gathered
+    through its block table. q [B, H, R] (R = rank + rope dim), pool [N, R], block_tables [B, W], lengths [B]
+    -> [B, H, rank] in q's dtype, float32 inside; zeros for an empty context."""
+    B, W = block_tables.shape
+    S = W * block_size
+    position = torch.arange(S, device=q.device)
+    slots = block_tables.long().gather(1, (position // block_size).expand(B, S)) * block_size + position % block_size
+    valid = position < lengths[:, None]  # [B, S]
+    context = pool.index_select(0, torch.where(valid, slots, 0).reshape(-1)).view(B, S, -1).float()
+    scores = torch.bmm(q.float(), context.transpose(1, 2)) * scale  # [B, H, S]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # an empty context: all -inf -> zeros
+    return torch.bmm(probs, context[..., :rank]).to(q.dtype)
+
+
+def _lm_head_chunk(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, inv_temperature: torch.Tensor,
+                   with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    z = (hidden @ weight.T).float() * inv_temperature[:, None]  # [n, V]
+    lse = torch.logsumexp(z, dim=-1)
+    logprobs = z.gather(1, targets[:, None])[:, 0] - lse
+    entropy = lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1) if with_entropy else lse.new_zeros(0)
+    return logprobs, entropy, lse
+
+
+def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     temperature: torch.Tensor, with_entropy: bool = False, chunk_size: int = 1024
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token log_softmax(hidden @ weight.T / temperature)[target], the log-sum-exp and (with_entropy) the
+    entropy, a chunk of rows at a time (each chunk's logits recomputed in the backward, never [N, V] at once).
+    hidden [N, D], weight [V, D], targets [N] int64, temperature [N] float32 -> logprobs [N], entropy [N]
+    (or [0]), lse [N], all float32; differentiable in hidden and weight."""
+    inv_t = 1.0 / temperature.float()
+    parts = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        args = (hidden[rows], weight, targets[rows], inv_t[rows], with_entropy)
+        grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        parts.append(checkpoint(_lm_head_chunk, *args, use_reentrant=False) if grad else _lm_head_chunk(*args))
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty
+    return tuple(torch.cat(p) for p in zip(*parts))  # type: ignore[return-value]
+
+
+def moe_permute(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token's row once per chosen expert, in expert order (stable): x [N, D], expert_ids [N, K] ->
+    xs [N*K, D], token_of [N*K] (the token of each row), inverse [N*K] (row of pair n*K + k in xs) and
+    offsets [E + 1] int32 (expert e's rows are offsets[e]:offsets[e+1]). No host sync."""
+    N, K = expert_ids.shape
+    flat = expert_ids.flatten()
+    order = flat.argsort(stable=True)
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    token_of = order // K
+    return x.index_select(0, token_of), token_of, inverse, offsets
+
+
+def moe_unpermute(ys: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The experts' rows back to their tokens, weighted: ys [N*K, D] (expert order), inverse [N*K],
+    weights [N, K] -> sum_k weights[n, k] * ys[inverse[n*K + k]]  [N, D] in ys' dtype, float32 inside."""
+    N, K = weights.shape
+    rows = ys.index_select(0, inverse).view(N, K, ys.shape[1]).float()
+    return (rows * weights.float()[..., None]).sum(dim=1).to(ys.dtype)
+
+
+def grouped_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+    """Rows in expert order times their expert's matrix (nn.Linear's layout): xs [M, K], w [E, N, K],
+    offsets [E + 1] -> xs_e @ w_e.T [M, N]; swiglu: w holds [gate; up] (N = 2I), the result is
+    silu(gate) * up [M, I]. float32 inside, xs' dtype out. (A host sync: the reference loops over experts.)"""
+    bounds = offsets.tolist()
+    outs = []
+    for e in range(w.shape[0]):
+        rows = xs[bounds[e]:bounds[e + 1]].float()
+        y = rows @ w[e].float().T
+        if swiglu:
+            gate, up = y.chunk(2, dim=-1)
+            y = F.silu(gate) * up
+        outs.append(y)
+    n_out = w.shape[1] // 2 if swiglu else w.shape[1]
+    return torch.cat(outs).to(xs.dtype) if outs else xs.new_zeros(0, n_out)
