@@ -6,9 +6,9 @@ device, the grid is sized from the shapes alone (at most cdiv(M, BLOCK_M) + E ro
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._triton import cdiv, jit, launcher, tl
+from .reference import permutation_plan
 
 BLOCK_ROWS, BLOCK_COLS = 32, 64  # the gathers' tiles
 BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32  # the grouped GEMM's tiles
@@ -94,13 +94,7 @@ def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def moe_permute(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int):
     """See `model.kernels.moe_permute`; the sort in PyTorch (on the device), the row gather in Triton."""
-    N, K = expert_ids.shape
-    flat = expert_ids.flatten()
-    order = flat.argsort(stable=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    token_of = order // K
+    token_of, inverse, offsets = permutation_plan(expert_ids, n_experts)
     return gather_rows(x, token_of), token_of, inverse, offsets
 
 

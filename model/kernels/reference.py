@@ -59,14 +59,21 @@ def moe_permute(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int
     """Each token's row once per chosen expert, in expert order (stable): x [N, D], expert_ids [N, K] ->
     xs [N*K, D], token_of [N*K] (the token of each row), inverse [N*K] (row of pair n*K + k in xs) and
     offsets [E + 1] int32 (expert e's rows are offsets[e]:offsets[e+1]). No host sync."""
+    token_of, inverse, offsets = permutation_plan(expert_ids, n_experts)
+    return x.index_select(0, token_of), token_of, inverse, offsets
+
+
+def permutation_plan(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """expert_ids [N, K] -> token_of [N*K], inverse [N*K], offsets [E + 1] int32 of `moe_permute`: a stable
+    sort by expert, on the device (no host sync). The Triton path gathers the rows by the same plan."""
     N, K = expert_ids.shape
     flat = expert_ids.flatten()
     order = flat.argsort(stable=True)
-    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=x.device))
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+    inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=expert_ids.device))
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=expert_ids.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
     offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    token_of = order // K
-    return x.index_select(0, token_of), token_of, inverse, offsets
+    return order // K, inverse, offsets
 
 
 def moe_unpermute(ys: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
