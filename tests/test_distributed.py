@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_micro_recipe
 
 from grpo import distributed
 from grpo.build import build_policy, build_tokenizer
@@ -21,30 +22,10 @@ from model import load_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 
-REWARD = '''
-def distinct(prompts, completions, completion_ids=None, **kw):
-    """The share of distinct characters: dense, so every group of a random model has signal."""
-    return [len(set(c)) / max(len(c), 1) for c in completions]
-'''
-
-
 def recipe_file(tmp_path: Path) -> Path:
-    (tmp_path / "my_rewards.py").write_text(REWARD)
-    path = tmp_path / "recipe.yaml"
-    path.write_text(f"""
-output_dir: {tmp_path / "run"}
-max_steps: 2
-seed: 3
-prompts_per_step: 4
-model: {{preset: micro}}
-data: {{source: addition, template: "{{prompt}}=", limit: 64}}
-rewards: [{{name: "{tmp_path / 'my_rewards.py'}:distinct"}}]
-sampling: {{num_generations: 4, max_completion_length: 6}}
-algorithm: {{loss_type: dapo, epsilon_high: 0.28}}
-optim: {{lr: 3.0e-3, micro_batch_size: 4}}
-logging: {{save_every: 1000, tensorboard: false, progress_bar: false}}
-""")
-    return path
+    """The micro recipe (tests/conftest.py) with the dense `distinct` reward, seed 3, DAPO with clip-higher."""
+    return write_micro_recipe(tmp_path, reward="distinct", seed=3, algorithm={"loss_type": "dapo", "epsilon_high": 0.28},
+                              optim={"lr": 3.0e-3, "micro_batch_size": 4})
 
 
 def torchrun(nproc: int, args: list[str], cwd: Path | None = None) -> None:
