@@ -100,9 +100,9 @@ def cpu_has_bf16_dot() -> bool:
 
 
 def default_dtype(on_cpu: bool) -> str:
-    """What vLLM runs best here: bfloat16 on a GPU and on a CPU that multiplies bfloat16 natively (AMX or
-    AVX-512 BF16: 1.24x float32's tokens/s on a Zen 4 EPYC, docs/performance.md); float32 elsewhere, where
-    bfloat16 matmuls are emulated."""
+    """What vLLM runs best here: bfloat16 on a GPU and on a CPU that multiplies bfloat16 natively (AMX, or
+    AVX-512 BF16: 1.02x and 1.18x float32's tokens/s on a Zen 4 EPYC, docs/performance.md); float32
+    elsewhere, where bfloat16 matmuls are emulated."""
     return "bfloat16" if not on_cpu or cpu_has_bf16_dot() else "float32"
 
 
