@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from model import kernels
+
 #: Tokens per chunk: the chunk's logits and their softmax take about 3 x chunk_size x V x 4 bytes
 #: (V = 129280 and 1024 tokens: about 1.6 GB) at the peak of the backward.
 CHUNK_SIZE = 1024
@@ -83,6 +85,14 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
+def _fused_kernel_chosen(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `model.kernels` picks its Triton LM-head kernel for these tensors (it needs one dtype for both)."""
+    try:
+        return kernels.select_impl(hidden.device, hidden.dtype) == "triton" and hidden.dtype == weight.dtype
+    except ValueError:  # R1_GRPO_KERNELS=cpu, meant for the decode kernels: this one has no C++ op
+        return False
+
+
 def _run(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
@@ -106,9 +116,16 @@ def _run(
         )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
-    logprobs, entropy = _ChunkedTokenLogprobs.apply(
-        flat_hidden, lm_head_weight, flat_targets, float(temperature), int(chunk_size), with_entropy
-    )
+    if _fused_kernel_chosen(hidden, lm_head_weight):
+        # The fused Triton kernel (the default on CUDA; R1_GRPO_KERNELS=triton forces it): it streams the
+        # vocabulary, so not even a chunk's [chunk_size, V] logits are held. Elsewhere the chunks below.
+        logprobs, entropy = kernels.lm_head_logprobs(flat_hidden, lm_head_weight, flat_targets, float(temperature),
+                                                     with_entropy)
+        entropy = entropy if with_entropy else logprobs.new_empty(0)
+    else:
+        logprobs, entropy = _ChunkedTokenLogprobs.apply(
+            flat_hidden, lm_head_weight, flat_targets, float(temperature), int(chunk_size), with_entropy
+        )
     return logprobs.view(targets.shape), entropy.view(targets.shape) if with_entropy else entropy
 
 

@@ -68,3 +68,24 @@ def test_reference_lm_head_matches_grpo_token_logprobs():
     g_got = torch.autograd.grad(got[0].sum() + got[1].sum(), [hidden, weight])
     g_want = torch.autograd.grad(want[0].sum() + want[1].sum(), [hidden, weight])
     torch.testing.assert_close(g_got, g_want)
+
+
+def test_grpo_logprobs_run_the_triton_kernel_where_it_is_chosen(device, monkeypatch):  # noqa: F811
+    """The trainer's log-probs (grpo.logprobs) go through the dispatch point: the Triton kernel where it is
+    chosen (CUDA; here forced), with the chunked PyTorch values and gradients."""
+    from grpo.logprobs import token_logprobs_and_entropy
+
+    hidden, weight, targets, _ = _inputs(10, 70, 16, torch.float32, device)
+    hidden, targets = hidden.view(2, 5, 16), targets.view(2, 5)
+    monkeypatch.setenv("R1_GRPO_KERNELS", "reference")
+    want = token_logprobs_and_entropy(hidden, weight, targets, 0.9, chunk_size=3)
+    calls = []
+    entry = kernels.lm_head_logprobs
+    monkeypatch.setattr(kernels, "lm_head_logprobs", lambda *a, **k: calls.append(1) or entry(*a, **k))
+    monkeypatch.setenv("R1_GRPO_KERNELS", "triton")
+    got = token_logprobs_and_entropy(hidden, weight, targets, 0.9, chunk_size=3)
+    assert calls and got[0].shape == (2, 5)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
+    g_got = torch.autograd.grad(got[0].sum() + got[1].sum(), [hidden, weight])
+    g_want = torch.autograd.grad(want[0].sum() + want[1].sum(), [hidden, weight])
+    torch.testing.assert_close(g_got, g_want, atol=2e-5, rtol=2e-5)
