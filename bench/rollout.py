@@ -107,12 +107,6 @@ def run_one(engine: str, ckpt: str, num_prompts: int, n: int, new_tokens: int, t
     return {"tokens": produced, "seconds": seconds, "tokens_per_s": produced / seconds, "peak_rss_mb": rss}
 
 
-def vllm_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None
-
-
 def failure_reason(stderr: str) -> str:
     """The last line of a traceback that names an error, else the last line."""
     lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
@@ -151,6 +145,7 @@ def main() -> None:
 
     from machine import cpu_info, describe
 
+    from grpo.rollout.vllm_backend import vllm_available
     from model import build_model
     from model.presets import preset_config
     from model.tokenizer import build_char_tokenizer

