@@ -10,11 +10,13 @@ Sections (each guarded: one that fails is reported as null with its reason and t
 - greedy: the engine's greedy tokens vs a loop that recomputes the whole sequence for every token;
 - logprobs: the log-probs the engine returns vs the trainer's recomputed ones (mean and max |diff|), in float32
   and bfloat16;
-- rollout: tokens/s of our engine vs transformers `generate` (the same shapes, random init on the device,
-  bfloat16; the V2-Lite-shaped model, or a tiny one with --tiny), and the decode step's time against its
-  memory floor (the bytes a step must read: weights + latent cache, over the bandwidth of a large copy);
+- rollout: tokens/s of our engine (CUDA graphs on a GPU) vs transformers `generate` (the same shapes, random
+  init on the device, bfloat16; the V2-Lite-shaped model, or a tiny one with --tiny) at 16x8x256 and
+  64x8x512, and the decode step's time (in the engine, and the graph's replay alone) against its memory
+  floor (the bytes a step must read: weights + latent cache, over the bandwidth of a large copy);
 - train: forward + backward tokens/s and MFU (6 x active params x tokens / time / measured bf16 matmul peak),
   ours vs transformers;
+- kernels: each `model.kernels` entry's Triton path vs its PyTorch reference (bench/gpu_kernels.py);
 - grpo: one GRPO step, ours vs TRL (bench/grpo_step.py's runners, on the CPU only until the trainer takes a
   device), where trl is installed; --tiny leaves it out unless --sections names it.
 
@@ -47,7 +49,7 @@ from model import CausalLM, LatentCache, build_model  # noqa: E402
 from model.presets import preset_config  # noqa: E402
 
 PARITY_BOUND = 1e-4  # float32 max |logit diff| ours vs transformers
-SECTIONS = ("parity", "greedy", "logprobs", "rollout", "train", "grpo")
+SECTIONS = ("parity", "greedy", "logprobs", "rollout", "train", "kernels", "grpo")
 # bench/grpo_step.py takes minutes on a CPU even at its smallest: --tiny leaves it out unless --sections names it.
 TINY_LEAVES_OUT = ("grpo",)
 
@@ -94,6 +96,17 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int = 1, warm
         fn()
     sync(device)
     return (time.perf_counter() - t0) / repeats
+
+
+_CEILINGS: dict[tuple[str, bool], tuple[float, float]] = {}
+
+
+def ceilings(device: torch.device, tiny: bool) -> tuple[float, float]:
+    """(copy bandwidth bytes/s, bf16 matmul FLOP/s), measured once per run."""
+    key = (str(device), tiny)
+    if key not in _CEILINGS:
+        _CEILINGS[key] = (copy_bandwidth(device, tiny), matmul_peak(device, tiny))
+    return _CEILINGS[key]
 
 
 def copy_bandwidth(device: torch.device, tiny: bool) -> float:
@@ -256,40 +269,57 @@ def decode_floor_bytes(model: CausalLM, batch: int, context: int) -> int:
     return int((dense + routed) * elt + cache)
 
 
-def section_rollout(device: torch.device, args) -> dict:
+def rollout_workload(device: torch.device, cfg, prompts_n: int, n: int, new: int, peer_new: int,
+                     tiny: bool) -> dict:
+    """One workload: our engine (its device default: CUDA graphs on a GPU) vs transformers `generate`
+    (sampling, the same weights' shapes) on prompts_n prompts x n samples x new tokens. The peer decodes
+    peer_new tokens (fewer on the largest workload, so the script fits its minutes; per-token cost grows
+    with context, so this favours the peer)."""
     from grpo.rollout import SamplingParams
     from grpo.rollout.engine import Engine
 
-    cfg, name = speed_config(args.tiny)
-    prompts_n, n, new = (2, 4, 8) if args.tiny else (16, 8, 256)
     prompt_len = 32
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, cfg.vocab_size, (prompt_len,), generator=gen).tolist() for _ in range(prompts_n)]
-    result: dict = {"model": name, "workload": {"prompts": prompts_n, "n": n, "new_tokens": new,
-                                                "prompt_tokens": prompt_len, "dtype": "bfloat16"}}
-    model = random_model(cfg, device, torch.bfloat16).eval()
-    cache_bytes = (4 if args.tiny else 16) * 1024**3
+    result: dict = {"prompts": prompts_n, "n": n, "new_tokens": new, "prompt_tokens": prompt_len,
+                    "dtype": "bfloat16" if device.type == "cuda" else "float32"}
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_model(cfg, device, dtype).eval()
+    cache_bytes = (1 if tiny else 24) * 1024**3
     engine = Engine(model, cache_memory_bytes=cache_bytes, max_num_seqs=prompts_n * n)
 
     def ours(tokens: int) -> None:
         engine.generate(prompts, SamplingParams(n=n, temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0))
 
-    ours(4)  # warm-up
+    ours(4)  # warm-up (on a GPU: Triton compiles, the first graphs are captured)
     t_full = timed(lambda: ours(new), device, warmup=False)
     steps_full = engine.last_stats["steps"]
     t_half = timed(lambda: ours(new // 2), device, warmup=False)
     steps_half = engine.last_stats["steps"]
-    result["ours_tokens_per_s"] = prompts_n * n * new / t_full
-    result["ours_sampler"] = engine.sampler
+    result.update(ours_tokens_per_s=prompts_n * n * new / t_full, ours_seconds=t_full, decode_path=engine.decode_path,
+                  sampler=engine.sampler)
     step = (t_full - t_half) / max(1, steps_full - steps_half)
-    bw = copy_bandwidth(device, args.tiny)
-    floor_bytes = decode_floor_bytes(model, prompts_n * n, prompt_len + 3 * new // 4)
-    result["decode"] = {"step_s": step, "batch": prompts_n * n, "floor_bytes": floor_bytes,
-                        "copy_bandwidth_gb_s": bw / 1e9, "floor_s": floor_bytes / bw,
-                        "step_over_floor": step / (floor_bytes / bw)}
-    engine = model = None  # free the device memory for the peer
+    bw, _ = ceilings(device, tiny)
+    batch = prompts_n * n
+    floor_bytes = decode_floor_bytes(model, batch, prompt_len + 3 * new // 4)
+    decode = {"step_s": step, "batch": batch, "floor_bytes": floor_bytes, "copy_bandwidth_gb_s": bw / 1e9,
+              "floor_s": floor_bytes / bw, "step_over_floor": step / (floor_bytes / bw)}
+    graphs = engine.runner.decode_graphs
+    if graphs is not None and graphs.graphs:  # the captured step alone, without the engine's Python around it
+        from grpo.rollout.cuda_graphs import padded_size
+
+        size = padded_size(batch)
+        if size in graphs.graphs:
+            replay = graphs.graphs[size][0].replay
+            decode["graph_replay_s"] = timed(replay, device, repeats=20)
+            decode["graph_replay_over_floor"] = decode["graph_replay_s"] / decode["floor_s"]
+            decode["graphs_captured"] = graphs.captures
+    result["decode"] = decode
+    engine = model = graphs = None  # free the device memory for the peer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     try:
-        theirs = transformers_model(cfg, device, torch.bfloat16).eval()
+        theirs = transformers_model(cfg, device, dtype).eval()
         ids = torch.tensor([p for p in prompts for _ in range(n)], device=device)
 
         def go(tokens: int) -> None:
@@ -297,21 +327,44 @@ def section_rollout(device: torch.device, args) -> dict:
                 theirs.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                 min_new_tokens=tokens, do_sample=True, temperature=1.0, top_k=0, pad_token_id=0)
 
-        go(4)  # warm-up
-        t = timed(lambda: go(new), device, warmup=False)
-        result["transformers_tokens_per_s"] = prompts_n * n * new / t
+        go(2)  # warm-up
+        t = timed(lambda: go(peer_new), device, warmup=False)
+        result.update(transformers_new_tokens=peer_new, transformers_tokens_per_s=batch * peer_new / t)
         result["speedup"] = result["ours_tokens_per_s"] / result["transformers_tokens_per_s"]
     except Exception as e:  # the peer failing leaves our figures standing
         result["transformers_tokens_per_s"] = None
-        result["transformers_error"] = f"{type(e).__name__}: {e}"
+        result["transformers_error"] = f"{type(e).__name__}: {e}"[:400]
     return result
+
+
+def section_rollout(device: torch.device, args) -> dict:
+    cfg, name = speed_config(args.tiny)
+    workloads = [(2, 4, 8, 8)] if args.tiny else [(16, 8, 256, 256), (64, 8, 512, 64)]
+    result: dict = {"model": name}
+    for prompts_n, n, new, peer_new in workloads:
+        key = f"{prompts_n}x{n}x{new}"
+        try:
+            result[key] = rollout_workload(device, cfg, prompts_n, n, new, peer_new, args.tiny)
+        except Exception as e:
+            traceback.print_exc()
+            result[key] = {"error": f"{type(e).__name__}: {e}"[:600]}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def section_kernels(device: torch.device, args) -> dict:
+    from gpu_kernels import section_kernels as run
+
+    bw, peak = ceilings(device, args.tiny)
+    return run(device, args, bw, peak, speed_config(args.tiny)[0])
 
 
 def section_train(device: torch.device, args) -> dict:
     cfg, name = speed_config(args.tiny)
     batch, seq = (2, 64) if args.tiny else (8, 1024)
     ids = torch.randint(3, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    peak = matmul_peak(device, args.tiny)
+    _, peak = ceilings(device, args.tiny)
 
     def step_of(model, logits_fn) -> Callable[[], None]:
         def step() -> None:
@@ -360,7 +413,7 @@ def section_grpo(device: torch.device, args) -> dict:
 
 RUNNERS: dict[str, Callable[[torch.device, argparse.Namespace], dict]] = {
     "parity": section_parity, "greedy": section_greedy, "logprobs": section_logprobs,
-    "rollout": section_rollout, "train": section_train, "grpo": section_grpo,
+    "rollout": section_rollout, "train": section_train, "kernels": section_kernels, "grpo": section_grpo,
 }
 
 

@@ -154,6 +154,12 @@ class PagedCacheView(CacheView):
     def context_len(self) -> int:
         return self.max_length
 
+    def write(self, layer: int, latent: torch.Tensor) -> None:
+        """latent [B, 1, r + dr] -> the layer's slots. Every decode row has a slot (a padded row writes a scratch
+        slot), so unlike `CacheView.write` nothing is read back to the host: a CUDA graph can capture it."""
+        pool = self.cache.data[layer]
+        pool.index_copy_(0, self.write_slots.reshape(-1), latent.reshape(-1, latent.shape[-1]).to(pool.dtype))
+
     def read(self, layer: int) -> torch.Tensor:
         if self.context_slots is None:  # once per view, for all layers
             S, bs = self.max_length, self.block_size

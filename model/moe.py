@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 
 
@@ -227,6 +228,10 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/expert_ids [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x)  [N, D]."""
+        if x.is_cuda and not torch.is_grad_enabled():
+            # `model.kernels`' dispatch (Triton on CUDA): expert offsets stay on the device, so a decode step
+            # reads nothing back to the host and can be captured in a CUDA graph.
+            return kernels.routed_experts(x, weights, expert_ids, self.gate_up_proj, self.down_proj)
         flat_ids, order, token_of, expert_counts = sort_by_expert(expert_ids, self.n_experts)
         if not torch.is_grad_enabled() and expert_ids.numel() <= self.small_batch * self.n_experts:
             counts = expert_counts.tolist()

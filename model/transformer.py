@@ -116,6 +116,18 @@ class Decoder(nn.Module):
         return h
 
 
+    def decode_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedCacheView) -> torch.Tensor:
+        """One decode step over the paged pool with nothing read back to the host, so a CUDA graph can capture
+        it (no position check, no mask: the attention kernel masks by `cache.lengths`).
+        input_ids, positions [B] -> the last block's output [B, D]."""
+        x = self.embed_tokens(input_ids)
+        rope = rope_matrices(self.rotary.cos[positions], self.rotary.sin[positions], self.rotary.interleaved)
+        rope = rope.to(x.dtype)
+        for layer in self.layers:
+            x = layer.decode(x, rope, None, cache)  # type: ignore[arg-type]  (a paged view reads no bias)
+        return x
+
+
 class MTPLayer(nn.Module):
     """One Multi-Token Prediction depth (DeepSeek-V3 section 2.2): combines the previous depth's hidden
     state at i with the embedding of token i+k and runs one more block; shares embedding and head."""
@@ -154,6 +166,12 @@ class CausalLM(nn.Module):
         """input_ids [B, T] -> logits [B, T, V]. See `hidden_states` for the arguments."""
         hidden = self.hidden_states(input_ids, positions, attention_mask, cache, absorb, routing)
         return self.logits(hidden)
+
+    @torch.no_grad()
+    def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedCacheView) -> torch.Tensor:
+        """A decode step of one token per sequence over the paged latent pool, free of host syncs (the rollout
+        engine's CUDA path, eager or captured in a CUDA graph): input_ids, positions [B] -> logits [B, V] float32."""
+        return self.logits(self.model.decode_paged(input_ids, positions, cache)).float()
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The last block's output [..., D] (`hidden_states`) normalized as the LM head reads it [..., D];

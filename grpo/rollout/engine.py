@@ -32,7 +32,12 @@ class Engine:
     tokenizer: needed for stop strings and returned text; its eos_token_id ends sequences.
     record_routing: return each completion's expert choices (`Completion.routed_experts`), so that the
         trainer can replay them (routing replay: the training forward uses the experts that sampled).
-    compile: run decode steps through graphs compiled ahead of time (`CausalLM.compile_decode`).
+    compile: run the eager decode path through graphs compiled ahead of time (`CausalLM.compile_decode`;
+        the CPU's fast path; a GPU's is decode_path="graphs").
+    decode_path: "eager", "buffers" or "graphs" (`ModelRunner`); None: "graphs" when the model is on CUDA
+        (the decode step captured in CUDA graphs), else "eager".
+    gpu_memory_utilization: on CUDA, size the cache pool as this fraction of the memory free when the engine
+        is made (instead of cache_memory_bytes), as vLLM's option of that name.
     sampler: where the sampling noise comes from (`grpo.rollout.sampler`): "generator" (a CPU
         `torch.Generator` per sequence) or "counter" (a hash of seed, position and token; no generator
         objects, no host sync). None: "counter" when the model is on CUDA, else "generator", so CPU runs
@@ -41,22 +46,34 @@ class Engine:
 
     def __init__(self, model: CausalLM, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  cache_memory_bytes: int = 256 * 1024**2, max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
-                 seed: int = 0, record_routing: bool = False, compile: bool = False, sampler: str | None = None):
+                 seed: int = 0, record_routing: bool = False, compile: bool = False, sampler: str | None = None,
+                 decode_path: str | None = None, gpu_memory_utilization: float | None = None):
+        on_cuda = model.lm_head.weight.device.type == "cuda"
         if sampler is None:
-            sampler = "counter" if model.lm_head.weight.device.type == "cuda" else "generator"
+            sampler = "counter" if on_cuda else "generator"
+        self.decode_path = decode_path or ("graphs" if on_cuda else "eager")
         if sampler not in SAMPLERS:
             raise ValueError(f"Engine(sampler={sampler!r}): allowed are {', '.join(map(repr, SAMPLERS))} "
                              "or None (counter on CUDA, generator elsewhere)")
         self.sampler = sampler
         self.model, self.tokenizer = model, tokenizer
-        self.compile = compile
+        self.compile = compile and self.decode_path == "eager"  # the other paths never run the compiled step
         self._compile_if_asked(model)
         cfg = model.config
         bytes_per_block = cfg.num_hidden_layers * cfg.latent_dim * block_size * model.lm_head.weight.element_size()
+        if gpu_memory_utilization is not None:
+            if not on_cuda:
+                raise ValueError("gpu_memory_utilization sizes the cache from a GPU's free memory, but the model is "
+                                 f"on {model.lm_head.weight.device}; give cache_memory_bytes instead")
+            if not 0 < gpu_memory_utilization < 1:
+                raise ValueError(f"gpu_memory_utilization={gpu_memory_utilization}: must be in (0, 1)")
+            free, _ = torch.cuda.mem_get_info(model.lm_head.weight.device)
+            cache_memory_bytes = int(free * gpu_memory_utilization)
         self.num_blocks = num_blocks or max(1, cache_memory_bytes // bytes_per_block)
         self.block_size = block_size
         self.max_num_seqs, self.max_prefill_tokens = max_num_seqs, max_prefill_tokens
-        self.runner = ModelRunner(model, self.num_blocks, block_size, record_routing=record_routing)
+        self.runner = ModelRunner(model, self.num_blocks, block_size, record_routing=record_routing,
+                                  decode_path=self.decode_path, max_batch=max_num_seqs)
         self.block_manager = BlockManager(self.num_blocks, block_size)
         self.seed_source = random.Random(seed)
         eos = getattr(tokenizer, "eos_token_id", None)
@@ -100,8 +117,7 @@ class Engine:
             raise ValueError("stop strings need a tokenizer: Engine(model, tokenizer)")
 
         self.block_manager = BlockManager(self.num_blocks, self.block_size)
-        self.runner.reset()
-        self.model.forget_derived_weights()  # the trainer may have stepped the weights since the last call
+        self.runner.reset()  # the trainer may have stepped the weights since the last call
         scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_prefill_tokens)
         groups: dict[tuple[int, ...], Sequence] = {}
         for i, (p, sp) in enumerate(zip(prompts, params_list)):

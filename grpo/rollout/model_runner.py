@@ -9,25 +9,57 @@ import torch
 from model import CacheView, CausalLM, LatentCache
 from model.cache import PagedCacheView, StagedCacheView
 
+from .cuda_graphs import DecodeGraphs
 from .sequence import Sequence
 
 
+DECODE_PATHS = ("eager", "buffers", "graphs")
+
+
 class ModelRunner:
+    """decode_path: how decode steps run.
+      "eager":   the CPU's path: inputs built per step, the context staged (or read in place by the compiled
+                 step's paged kernel);
+      "buffers": inputs in persistent device buffers, a step free of host syncs (`CausalLM.decode_logits`);
+      "graphs":  "buffers" captured in CUDA graphs (`DecodeGraphs`), the CUDA default. Recording routing
+                 runs it uncaptured (the recorded experts are read per step).
+    max_batch, max_blocks: the most sequences a step holds and blocks a sequence holds (the buffers' sizes)."""
+
     def __init__(self, model: CausalLM, num_blocks: int, block_size: int, dtype: torch.dtype | None = None,
-                 record_routing: bool = False):
+                 record_routing: bool = False, decode_path: str = "eager", max_batch: int = 256,
+                 max_blocks: int | None = None):
+        if decode_path not in DECODE_PATHS:
+            raise ValueError(f"decode_path={decode_path!r}: allowed are {', '.join(map(repr, DECODE_PATHS))}")
+        device = model.lm_head.weight.device
+        if decode_path == "graphs" and device.type != "cuda":
+            raise ValueError(f"decode_path='graphs' captures CUDA graphs, but the model is on {device}; "
+                             "use 'buffers' or 'eager'")
         self.model = model
         self.record_routing = record_routing  # keep each token's experts on its sequence (routing replay)
         self.block_size = block_size
-        device = model.lm_head.weight.device
-        self.cache = LatentCache(model.config, num_blocks * block_size, dtype or model.lm_head.weight.dtype, device,
+        self.decode_path = decode_path
+        scratch = 0 if decode_path == "eager" else 1  # a block no sequence owns: padded rows write there
+        self.cache = LatentCache(model.config, (num_blocks + scratch) * block_size,
+                                 dtype or model.lm_head.weight.dtype, device,
                                  zeroed=False)  # every slot is written before it is read; padding reads slot 0
+        self.decode_graphs: DecodeGraphs | None = None
+        if decode_path != "eager":
+            max_blocks = max_blocks or -(-model.config.max_position_embeddings // block_size)
+            self.decode_graphs = DecodeGraphs(model, self.cache, block_size, max_batch, max_blocks, num_blocks,
+                                              capture=decode_path == "graphs" and not record_routing)
         self.stage_headroom = 64  # decode steps a staging copy lasts before it is regathered
         self._stage_key: list[int] = []
         self._staging: torch.Tensor | None = None
 
     def reset(self) -> None:
-        """Forget the staging copy (a new generate call, or new weights)."""
+        """A new generate call: forget the staging copy, and the weights derived from the parameters (the
+        trainer may have stepped them); the decode graphs keep theirs while the weights are unchanged."""
         self._stage_key, self._staging = [], None
+        if self.decode_graphs is not None:
+            self.decode_graphs.model = self.model
+            self.decode_graphs.refresh()
+        else:
+            self.model.forget_derived_weights()
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src's latents (all layers) into block dst."""
@@ -88,6 +120,8 @@ class ModelRunner:
     @torch.no_grad()
     def forward(self, seqs: list[Sequence], prefill: bool) -> torch.Tensor:
         """Feeds each sequence's uncached tokens; returns the logits of its last token [B, V] (float32)."""
+        if not prefill and self.decode_graphs is not None:
+            return self._decode_buffered(seqs)
         starts = [s.num_cached for s in seqs]
         lens = [s.num_tokens for s in seqs]
         S = max(lens)
@@ -98,7 +132,9 @@ class ModelRunner:
             for b, (s, c, n) in enumerate(zip(seqs, starts, lens)):
                 ids[b, : n - c] = torch.tensor(s.token_ids[c:n])
                 positions[b, : n - c] = torch.arange(c, n)
-            view: CacheView = CacheView(self.cache, self._slots(seqs, positions), self._context_slots(seqs, S))
+            device = self.cache.data.device
+            view: CacheView = CacheView(self.cache, self._slots(seqs, positions).to(device),
+                                        self._context_slots(seqs, S).to(device))
         else:
             if any(n - c != 1 for n, c in zip(lens, starts)):
                 raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
@@ -128,3 +164,28 @@ class ModelRunner:
                 s.routing = [chunk] if c == 0 else [*s.routing, chunk]  # c == 0: a (re)computed prefill
             s.num_cached = s.num_tokens
         return self.model.logits(last).float()
+
+    def _decode_buffered(self, seqs: list[Sequence]) -> torch.Tensor:
+        """A decode step through the persistent buffers (and CUDA graphs): [B, V] float32."""
+        bs = self.block_size
+        positions = [s.num_tokens - 1 for s in seqs]
+        for s in seqs:
+            if s.num_tokens - s.num_cached != 1:
+                raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        if self.record_routing:
+            self.model.record_routing(True)
+        try:
+            logits = self.decode_graphs.run([s.token_ids[-1] for s in seqs], positions, slots,  # type: ignore[union-attr]
+                                            [s.block_table for s in seqs])
+            routing = self.model.recorded_routing() if self.record_routing else None  # [P, 1, M, K]
+        finally:
+            if self.record_routing:
+                self.model.record_routing(False)
+        if routing is not None:
+            routing = routing[: len(seqs)].to(torch.int16).cpu()
+        for b, s in enumerate(seqs):
+            if routing is not None:
+                s.routing = [*s.routing, routing[b]]
+            s.num_cached = s.num_tokens
+        return logits

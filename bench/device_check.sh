@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine: the CUDA variants of the device-parametrized tests, then bench/gpu.py.
+# Logs and the JSON go under $OUT (the device tool's folder; ./gpu-out elsewhere). Each part has its own
+# time limit, so a hang in one leaves the others' output.
+#   bash bench/device_check.sh                      # tests + every bench section but the GRPO step
+#   TESTS=0 BENCH_ARGS="--sections rollout" bash bench/device_check.sh
+set -u
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+PY=${PY:-python3}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.txt"
+$PY -c "import torch, triton, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/nvidia-smi.txt"
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider -k cuda -rs \
+    tests/test_rollout_decode_paths.py tests/test_rollout_sampler.py tests/test_kernels_decode_attention.py \
+    tests/test_kernels_lm_head.py tests/test_kernels_moe.py ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+  echo "tests exit $?"; tail -25 "$OUT/tests.log"
+fi
+if [ "${BENCH:-1}" = 1 ]; then
+  timeout "${BENCH_TIMEOUT:-330}" $PY bench/gpu.py ${BENCH_ARGS:---sections parity,greedy,logprobs,rollout,train,kernels} \
+    > "$OUT/gpu.log" 2>&1
+  echo "bench exit $?"
+  grep -v '^{' "$OUT/gpu.log" | tail -40
+  tail -1 "$OUT/gpu.log" > "$OUT/gpu.json"
+fi

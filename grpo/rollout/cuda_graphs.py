@@ -1,0 +1,127 @@
+"""The decode step on a GPU: inputs in persistent device buffers, the step captured in CUDA graphs.
+
+An eager decode step of a small model launches hundreds of small kernels, and on a GPU each launch costs
+more than the work it does. As vLLM and nano-vllm do, the step (`CausalLM.decode_logits`: embed, every
+layer over the paged latent pool through `model.kernels`, the LM head) is captured once per padded batch
+size of a ladder, and each step then copies its inputs into the buffers the graph reads and replays it.
+
+- Inputs live in one device buffer per kind (ids, positions, slots, lengths, block tables), sized for the
+  largest batch; a step writes them from one pinned host staging copy (host -> device, no sync). Rows past
+  the real batch are padding: token 0 at position 0, written to and read from a scratch block that no
+  sequence owns.
+- Graphs are captured lazily, the first time a padded size is met, and all share one memory pool.
+- A graph reads the weights at the addresses they had when it was captured: the weights' key (each
+  parameter's address and version) is checked at every `generate`, and a change (an optimizer step, a new
+  model) drops the graphs and the derived weights, to be captured again on first use.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model import CausalLM, LatentCache
+from model.cache import PagedCacheView
+
+# Padded batch sizes: at most a third of a replay is padding, and few graphs to capture.
+LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+
+
+def padded_size(batch: int) -> int:
+    """The smallest ladder size >= batch (beyond the ladder: the next multiple of 256)."""
+    for size in LADDER:
+        if size >= batch:
+            return size
+    return -(-batch // 256) * 256
+
+
+def weights_key(model: CausalLM) -> tuple[int, ...]:
+    """Each parameter's address and version: changes when the weights move or are stepped in place."""
+    return tuple(v for p in model.parameters() for v in (p.data_ptr(), p._version))
+
+
+class DecodeGraphs:
+    """Runs decode steps of `model` over `cache` (paged in blocks of `block_size`) for up to `max_batch`
+    sequences of up to `max_blocks` blocks each; block `scratch_block` is padding's."""
+
+    def __init__(self, model: CausalLM, cache: LatentCache, block_size: int, max_batch: int, max_blocks: int,
+                 scratch_block: int, capture: bool = True):
+        self.model, self.cache, self.block_size = model, cache, block_size
+        self.capture = capture  # False: the same buffers and step, run eagerly (CPU tests, debugging)
+        self.max_batch = padded_size(max_batch)
+        self.scratch_block = scratch_block
+        device = cache.data.device
+        B, W = self.max_batch, max_blocks
+        # ids, positions, slots, lengths: one int64 row each, so one host -> device copy carries all four.
+        self.inputs = torch.zeros(4, B, dtype=torch.int64, device=device)
+        self.tables = torch.zeros(B, W, dtype=torch.int32, device=device)
+        pin = device.type == "cuda"
+        self.host_inputs = torch.zeros(4, B, dtype=torch.int64, pin_memory=pin)
+        self.host_tables = torch.zeros(B, W, dtype=torch.int32, pin_memory=pin)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.key: tuple[int, ...] | None = None
+        self.captures = 0  # graphs captured over this object's life (a test and the bench read it)
+
+    def refresh(self) -> None:
+        """Drop the graphs and the derived weights if the weights changed since they were captured."""
+        key = weights_key(self.model)
+        if key != self.key:
+            self.graphs.clear()
+            self.pool = None
+            self.model.forget_derived_weights()
+            self.key = key
+
+    def view(self, size: int) -> PagedCacheView:
+        """The paged view over the buffers' first `size` rows."""
+        slots = self.inputs[2, :size, None]
+        return PagedCacheView(self.cache, slots, None, block_tables=self.tables[:size],  # type: ignore[arg-type]
+                              lengths=self.inputs[3, :size], block_size=self.block_size,
+                              max_length=self.tables.shape[1] * self.block_size)
+
+    def _step(self, size: int) -> torch.Tensor:
+        return self.model.decode_logits(self.inputs[0, :size], self.inputs[1, :size], self.view(size))
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """One decode step of B sequences: each one's last token, its position, its cache slot and its block
+        table -> logits [B, V] float32 (a view of the graph's output, valid until the next step)."""
+        B = len(ids)
+        if B > self.max_batch:
+            raise ValueError(f"a decode step of {B} sequences, but the graphs were sized for {self.max_batch}")
+        size = padded_size(B)
+        scratch_slot = self.scratch_block * self.block_size
+        host = self.host_inputs
+        host[0, :B] = torch.tensor(ids)
+        host[1, :B] = torch.tensor(positions)
+        host[2, :B] = torch.tensor(slots)
+        host[3, :B] = host[1, :B] + 1
+        host[:, B:size] = torch.tensor([0, 0, scratch_slot, 1])[:, None]
+        width = max(len(t) for t in tables)
+        if width > self.tables.shape[1]:
+            raise ValueError(f"a block table of {width} blocks, but the graphs were sized for {self.tables.shape[1]}")
+        self.host_tables[:B, :width] = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        self.host_tables[B:size, 0] = self.scratch_block
+        self.inputs[:, :size].copy_(host[:, :size], non_blocking=True)
+        self.tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
+        if not self.capture:
+            return self._step(size)[:B]
+        if size not in self.graphs:
+            self.graphs[size] = self._capture(size)
+        graph, logits = self.graphs[size]
+        graph.replay()
+        return logits[:B]
+
+    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Warm up on a side stream (Triton compiles, derived weights are made), then capture. The warm-up
+        writes the current step's latents to the cache: the same values the replay writes."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(size)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step(size)
+        self.pool = graph.pool()
+        self.captures += 1
+        return graph, logits

@@ -1,0 +1,103 @@
+"""The engine's decode paths agree: the CPU's eager step, the step over persistent buffers (sync-free, what a
+CUDA graph captures) and, where CUDA exists, the captured graphs themselves."""
+
+import pytest
+import torch
+
+import devices
+from grpo.rollout import SamplingParams
+from grpo.rollout.cuda_graphs import LADDER, padded_size
+from grpo.rollout.engine import Engine
+from grpo.rollout.model_runner import ModelRunner
+from model import build_model
+from model.presets import preset_config
+
+device = devices.device
+PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [20], [30, 31, 32, 33, 34, 35]]
+
+
+def tiny(dev: str = "cpu", dtype: torch.dtype = torch.float32):
+    model = build_model(preset_config("tiny", vocab_size=256), seed=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)  # sharper distributions: greedy choices far from float ties
+    return model.to(dev, dtype).eval()
+
+
+def run(model, path: str, params: SamplingParams, **kw):
+    out = Engine(model, block_size=16, num_blocks=64, decode_path=path, **kw).generate(PROMPTS, params)
+    return [c for o in out for c in o.completions]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+    SamplingParams(n=5, temperature=1.0, top_k=50, max_tokens=40, ignore_eos=True, seed=3),  # 20 rows: padded to 24
+], ids=["greedy", "sampled"])
+def test_buffered_decode_equals_the_eager_path(params):
+    model = tiny()
+    eager, buffered = run(model, "eager", params), run(model, "buffers", params)
+    assert [c.token_ids for c in buffered] == [c.token_ids for c in eager]
+    for a, b in zip(eager, buffered):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_buffered_decode_records_the_same_routing():
+    model = tiny()
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=12, ignore_eos=True, seed=0)
+    eager = run(model, "eager", params, record_routing=True)
+    buffered = run(model, "buffers", params, record_routing=True)
+    for a, b in zip(eager, buffered):
+        assert a.token_ids == b.token_ids
+        assert torch.equal(a.routed_experts, b.routed_experts)
+
+
+def test_padded_sizes_and_refusals():
+    assert [padded_size(b) for b in (1, 5, 13, 128, 129, 1025)] == [1, 6, 16, 128, 192, 1280]
+    assert all(padded_size(s) == s for s in LADDER)
+    with pytest.raises(ValueError, match="decode_path='graphs' captures CUDA graphs"):
+        ModelRunner(tiny(), 8, 16, decode_path="graphs")
+    with pytest.raises(ValueError, match="allowed are 'eager', 'buffers', 'graphs'"):
+        ModelRunner(tiny(), 8, 16, decode_path="fast")
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        Engine(tiny(), gpu_memory_utilization=0.5)
+
+
+def test_cuda_graphs_give_the_eager_tokens(device):
+    """On CUDA: the captured step replays what the uncaptured one computes (greedy tokens equal, log-probs to
+    float32 rounding), graphs are kept while the weights stand and recaptured after they change."""
+    if device != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device (the buffered path above runs the same step on the CPU)")
+    model = tiny(device)
+    params = SamplingParams(n=3, temperature=0, max_tokens=32, ignore_eos=True)
+    engine = Engine(model, block_size=16, num_blocks=64, decode_path="graphs")
+    graphed = [c for o in engine.generate(PROMPTS, params) for c in o.completions]
+    buffered = run(model, "buffers", params)
+    assert [c.token_ids for c in graphed] == [c.token_ids for c in buffered]
+    captured = engine.runner.decode_graphs.captures
+    assert captured >= 1
+    engine.generate(PROMPTS, params)
+    assert engine.runner.decode_graphs.captures == captured  # same weights: the graphs are replayed
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # an in-place step
+    again = [c for o in engine.generate(PROMPTS, params) for c in o.completions]
+    assert engine.runner.decode_graphs.captures > captured
+    assert [c.token_ids for c in again] == [c.token_ids for c in run(model, "buffers", params)]
+
+
+def test_the_cuda_decode_runs_the_triton_kernels(device, monkeypatch):
+    """On CUDA the decode step's attention and routed experts go through model.kernels' Triton path."""
+    if device != "cuda":
+        pytest.skip("the Triton path is chosen on CUDA only")
+    from model import kernels
+    from model.kernels import decode_attention, moe
+
+    calls = {"attention": 0, "gemm": 0}
+    attn, gemm = decode_attention.paged_latent_attention, moe.grouped_gemm
+    monkeypatch.setattr(decode_attention, "paged_latent_attention",
+                        lambda *a, **k: (calls.__setitem__("attention", calls["attention"] + 1), attn(*a, **k))[1])
+    monkeypatch.setattr(moe, "grouped_gemm",
+                        lambda *a, **k: (calls.__setitem__("gemm", calls["gemm"] + 1), gemm(*a, **k))[1])
+    assert kernels.select_impl(torch.device("cuda"), torch.bfloat16) == "triton"
+    run(tiny(device, torch.bfloat16), "buffers", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    assert calls["attention"] > 0 and calls["gemm"] > 0
