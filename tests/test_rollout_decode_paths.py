@@ -1,10 +1,10 @@
 """The engine's decode paths agree: the CPU's eager step, the step over persistent buffers (sync-free, what a
 CUDA graph captures) and, where CUDA exists, the captured graphs themselves."""
 
+import devices
 import pytest
 import torch
 
-import devices
 from grpo.rollout import SamplingParams
 from grpo.rollout.cuda_graphs import LADDER, padded_size
 from grpo.rollout.engine import Engine

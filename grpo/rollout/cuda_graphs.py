@@ -85,7 +85,7 @@ class DecodeGraphs:
         """One decode step of B sequences: each one's last token, its position, its cache slot and its block
         table -> logits [B, V] float32 (a view of the graph's output, valid until the next step)."""
         B = len(ids)
-        if B > self.max_batch:
+        if self.max_batch < B:
             raise ValueError(f"a decode step of {B} sequences, but the graphs were sized for {self.max_batch}")
         size = padded_size(B)
         scratch_slot = self.scratch_block * self.block_size

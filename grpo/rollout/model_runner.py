@@ -12,7 +12,6 @@ from model.cache import PagedCacheView, StagedCacheView
 from .cuda_graphs import DecodeGraphs
 from .sequence import Sequence
 
-
 DECODE_PATHS = ("eager", "buffers", "graphs")
 
 
