@@ -4,6 +4,7 @@
 # time limit, so a hang in one leaves the others' output.
 #   bash bench/device_check.sh                      # tests + every bench section but the GRPO step
 #   TESTS=0 BENCH_ARGS="--sections rollout" bash bench/device_check.sh
+#   SWEEP=1 bash bench/device_check.sh              # also sweep the Triton kernels' tile sizes (bench/gpu_sweep.py)
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -12,10 +13,16 @@ PY=${PY:-python3}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.txt"
 $PY -c "import torch, triton, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/nvidia-smi.txt"
 if [ "${TESTS:-1}" = 1 ]; then
-  timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider -k cuda -rs \
+  timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider -k cuda -rs ${TEST_FILES:-\
     tests/test_rollout_decode_paths.py tests/test_rollout_sampler.py tests/test_kernels_decode_attention.py \
-    tests/test_kernels_lm_head.py tests/test_kernels_moe.py ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+    tests/test_kernels_lm_head.py tests/test_kernels_moe.py tests/test_kernels_sampling.py} > "$OUT/tests.log" 2>&1
   echo "tests exit $?"; tail -25 "$OUT/tests.log"
+fi
+if [ "${SWEEP:-0}" = 1 ]; then
+  timeout "${SWEEP_TIMEOUT:-200}" $PY bench/gpu_sweep.py ${SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
+  echo "sweep exit $?"
+  tail -1 "$OUT/sweep.log" > "$OUT/sweep.json"
+  $PY -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['best'], indent=0))" "$OUT/sweep.json" 2>/dev/null | head -60
 fi
 if [ "${BENCH:-1}" = 1 ]; then
   timeout "${BENCH_TIMEOUT:-330}" $PY bench/gpu.py ${BENCH_ARGS:---sections parity,greedy,logprobs,rollout,train,kernels} \

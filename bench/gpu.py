@@ -127,6 +127,23 @@ def matmul_peak(device: torch.device, tiny: bool) -> float:
     return 2 * n**3 / t
 
 
+def top_kernels(fn: Callable[[], object], device: torch.device, n: int = 12) -> list[dict] | None:
+    """The n device kernels one call of fn spends most time in (name, total ms, calls), by torch.profiler;
+    None on a CPU. Where the time goes, for the next optimization."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync(device)
+    rows = sorted(prof.key_averages(), key=lambda e: getattr(e, "device_time_total", 0), reverse=True)[:n]
+    return [{"kernel": e.key[:90], "ms": round(getattr(e, "device_time_total", 0) / 1e3, 3), "calls": e.count}
+            for e in rows]
+
+
 # ----- models -------------------------------------------------------------------------------------------------
 def random_model(cfg, device: torch.device, dtype: torch.dtype) -> CausalLM:
     """A randomly initialized model built straight on the device (no host copy of the weights)."""
@@ -314,6 +331,7 @@ def rollout_workload(device: torch.device, cfg, prompts_n: int, n: int, new: int
             decode["graph_replay_s"] = timed(replay, device, repeats=20)
             decode["graph_replay_over_floor"] = decode["graph_replay_s"] / decode["floor_s"]
             decode["graphs_captured"] = graphs.captures
+            decode["eager_step_top_kernels"] = top_kernels(lambda: graphs._step(size), device)
     result["decode"] = decode
     engine = model = graphs = None  # free the device memory for the peer
     if device.type == "cuda":
@@ -377,11 +395,12 @@ def section_train(device: torch.device, args) -> dict:
     ours = random_model(cfg, device, torch.bfloat16).train()
     active = ours.num_parameters(active=True) - ours.model.embed_tokens.weight.numel()
     t_ours = timed(step_of(ours, lambda m, x: m(x)), device, repeats=2 if args.tiny else 5)
+    profile = top_kernels(step_of(ours, lambda m, x: m(x)), device, n=15)
     del ours
     tokens = batch * seq
     result = {"model": name, "batch": batch, "seq": seq, "dtype": "bfloat16", "active_params": active,
               "bf16_matmul_peak_tflops": peak / 1e12, "ours_tokens_per_s": tokens / t_ours,
-              "ours_mfu": 6 * active * tokens / t_ours / peak}
+              "ours_mfu": 6 * active * tokens / t_ours / peak, "ours_top_kernels": profile}
     try:
         theirs = transformers_model(cfg, device, torch.bfloat16).train()
         t = timed(step_of(theirs, lambda m, x: m(x).logits), device, repeats=2 if args.tiny else 5)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["tests/test_kernels_decode_attention.py", "tests/test_kernels_lm_head.py", "tests/test_kernels_moe.py"]
+MODULES = ["tests/test_kernels_decode_attention.py", "tests/test_kernels_lm_head.py", "tests/test_kernels_moe.py",
+           "tests/test_kernels_sampling.py"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

@@ -90,9 +90,7 @@ class DecodeGraphs:
         size = padded_size(B)
         scratch_slot = self.scratch_block * self.block_size
         host = self.host_inputs
-        host[0, :B] = torch.tensor(ids)
-        host[1, :B] = torch.tensor(positions)
-        host[2, :B] = torch.tensor(slots)
+        host[:3, :B] = torch.tensor([ids, positions, slots])  # one conversion from Python for all three
         host[3, :B] = host[1, :B] + 1
         host[:, B:size] = torch.tensor([0, 0, scratch_slot, 1])[:, None]
         width = max(len(t) for t in tables)

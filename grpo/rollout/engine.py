@@ -194,10 +194,9 @@ class Engine:
         if self.sampler == "generator":
             return sample(logits, params, [s.generator for s in seqs])
         # Greedy rows take seed 0: their noise is computed and ignored.
-        seeds = torch.tensor([s.seed or 0 for s in seqs], dtype=torch.int64)
-        positions = torch.tensor([s.num_completion_tokens for s in seqs], dtype=torch.int64)
-        return sample(logits, params, seeds=seeds.to(logits.device, non_blocking=True),
-                      positions=positions.to(logits.device, non_blocking=True))
+        seeds, positions = torch.tensor([[s.seed or 0 for s in seqs], [s.num_completion_tokens for s in seqs]],
+                                        dtype=torch.int64).to(logits.device, non_blocking=True)
+        return sample(logits, params, seeds=seeds, positions=positions)
 
     def _finish_reason(self, seq: Sequence) -> str | None:
         sp, token = seq.params, seq.token_ids[-1]

@@ -12,7 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from model import kernels
+from model.kernels.reference import counter_exponential, counter_row_keys, counter_uniform
+
 from .sampling_params import SamplingParams
+
+__all__ = ["SAMPLERS", "counter_exponential", "counter_row_keys", "counter_uniform", "filter_probs", "sample"]
 
 
 def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
@@ -35,44 +40,6 @@ def filter_probs(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, 
 
 SAMPLERS = ("generator", "counter")
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for int64 x in [0, 2**32) and a 32-bit constant c, without any int64 overflow: c is
-    split into 16-bit halves, so no product exceeds 2**48 (signed overflow is undefined on some backends)."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche (the lowbias32 finalizer) on int64 tensors holding values in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """seeds [B] int64 (any value, 63 bits used), positions [B] int64 -> uniforms [B, V] float32 in (0, 1).
-
-    Element (b, v) is a function of (seeds[b], positions[b], v) alone: the same whatever else is in the batch,
-    with no generator state. Tensors in, tensors out; every op is elementwise (graph-capturable)."""
-    seeds, positions = seeds.to(torch.int64), positions.to(torch.int64)
-    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
-    row = _mix32(_mix32(_mix32(lo ^ 0x243F6A88) ^ hi) ^ (positions & _MASK32))  # [B]
-    v = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)
-    x = _mix32(_mix32(row[:, None] ^ _mul32(v, 0x9E3779B9)[None, :]) ^ 0x85A308D3)  # [B, V]
-    # The top 24 bits, centred in their bin: exactly representable in float32, never 0 or 1.
-    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
-
-
-def counter_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """seeds [B], positions [B] -> Exp(1) noise [B, V] (float32), keyed as in `counter_uniform`."""
-    return -torch.log(counter_uniform(seeds, positions, vocab_size))
-
-
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None] | None = None, *,
            seeds: torch.Tensor | None = None, positions: torch.Tensor | None = None) -> tuple[list[int], list[float]]:
@@ -86,10 +53,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
                          "seeds and positions (the counter sampler)")
     if seeds is not None and positions is None:
         raise ValueError("the counter sampler needs positions [B] beside seeds [B]")
-    logits = logits.float()
     temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
-    logprobs = torch.log_softmax(logits / temperature[:, None], dim=-1)
     greedy = [p.greedy for p in params]
+    if seeds is not None and not any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+        # Nothing to filter: one pass over the logits (`model.kernels.counter_sample`), one copy to the host.
+        tokens, chosen = kernels.counter_sample(logits, temperature, counter_row_keys(seeds, positions),  # type: ignore[arg-type]
+                                                torch.tensor(greedy, device=logits.device))
+        both = torch.cat([tokens.double(), chosen.double()]).tolist()
+        return [int(t) for t in both[: len(params)]], both[len(params):]
+    logits = logits.float()
+    logprobs = torch.log_softmax(logits / temperature[:, None], dim=-1)
     tokens = logprobs.argmax(dim=-1)
     if not all(greedy):
         probs = logprobs.exp()

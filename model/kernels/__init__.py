@@ -1,7 +1,8 @@
 """One entry per kernel, for the eager step, the compiled step and training alike. Each entry picks its
 implementation from the tensors' device and dtype:
 
-    CUDA with Triton installed                  -> the Triton kernel (decode_attention.py, lm_head.py, moe.py)
+    CUDA with Triton installed                  -> the Triton kernel (decode_attention.py, lm_head.py, moe.py,
+                                                   sampling.py)
     CPU float32 with `model.native` built       -> our C++ op (decode attention and routed experts only)
     anything else                               -> the plain PyTorch reference (reference.py)
 
@@ -163,3 +164,16 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Ten
     xs, _, inverse, offsets = moe_permute(x, expert_ids, gate_up_proj.shape[0], impl=chosen)
     h = grouped_gemm(xs, gate_up_proj, offsets, swiglu=True, impl=chosen)
     return moe_unpermute(grouped_gemm(h, down_proj, offsets, impl=chosen), inverse, weights.to(x.dtype), impl=chosen)
+
+
+def counter_sample(logits: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor, greedy: torch.Tensor,
+                   impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rollout's counter sampler without top-k/top-p/min-p filters, in one pass over the logits where Triton
+    runs: logits [B, V], temperature [B] (positive; 1 for greedy rows), row_keys [B] int64 (each row's key from
+    its seed and position, `reference.counter_row_keys`), greedy [B] bool -> tokens [B] int64 and their
+    log-probs [B] float32 under log_softmax(logits / temperature). See `reference.counter_sample`."""
+    if select_impl(logits.device, logits.dtype, impl) == "triton":
+        from . import sampling
+
+        return sampling.counter_sample(logits, temperature, row_keys, greedy)
+    return reference.counter_sample(logits, temperature, row_keys, greedy)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import decode_attention, lm_head, moe
+from . import decode_attention, lm_head, moe, sampling
 
 #: Shared memory a block may use, bytes (H100/H200: 227 KB; A100: 163 KB).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -50,7 +50,8 @@ def specs(rank: int = 512, rope_dim: int = 64) -> list[Spec]:
                  part_lse_ptr="*fp32", scale="fp32", H="i32", rank="i32", rope_dim="i32", block_size="i32",
                  stride_qb="i32", stride_qh="i32", stride_pool="i32", stride_tb="i32")),
             dict(BLOCK_H=decode_attention.BLOCK_H, BLOCK_N=decode_attention.BLOCK_N, BLOCK_R=BLOCK_R,
-                 BLOCK_DR=BLOCK_DR, NUM_SPLITS=splits, PRECISION=decode_attention.precision(dtype))))
+                 BLOCK_DR=BLOCK_DR, NUM_SPLITS=splits, PRECISION=decode_attention.precision(dtype)),
+            dict(num_warps=decode_attention.NUM_WARPS)))
         out.append(Spec(f"decode_attention.merge[{t}]", decode_attention._merge_kernel, _sig(
             decode_attention._merge_kernel,
             dict(part_out_ptr="*fp32", part_lse_ptr="*fp32", out_ptr=f"*{t}", rank="i32", stride_ob="i32",
@@ -69,6 +70,11 @@ def specs(rank: int = 512, rope_dim: int = 64) -> list[Spec]:
         for name, kernel in (("grad_hidden", lm_head._grad_hidden_kernel), ("grad_weight", lm_head._grad_weight_kernel)):
             out.append(Spec(f"lm_head.{name}[{t}]", kernel, _sig(kernel, grads),
                             dict(blocks, HAS_G_LP=True, HAS_G_ENT=True), dict(num_warps=lm_head.NUM_WARPS)))
+
+        out.append(Spec(f"sampling.counter_sample[{t}]", sampling._sample_kernel, _sig(sampling._sample_kernel, dict(
+            logits_ptr=f"*{t}", temperature_ptr="*fp32", keys_ptr="*i64", greedy_ptr="*i8", tokens_ptr="*i64",
+            logprobs_ptr="*fp32", V="i32", stride_l="i32")), dict(BLOCK_V=sampling.BLOCK_V),
+            dict(num_warps=sampling.NUM_WARPS), uses_dot=False))
 
         gather = dict(BLOCK_ROWS=moe.BLOCK_ROWS, BLOCK_COLS=moe.BLOCK_COLS)
         out.append(Spec(f"moe.gather_rows[{t}]", moe._gather_rows_kernel, _sig(moe._gather_rows_kernel, dict(

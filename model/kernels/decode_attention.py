@@ -16,6 +16,7 @@ BLOCK_H = 16  # heads per program (tl.dot needs at least 16 rows)
 BLOCK_N = 32  # context positions per tile
 TARGET_PROGRAMS = 256  # splits are chosen so that about this many programs run (from B and H alone)
 MAX_SPLITS = 16
+NUM_WARPS = 4
 
 
 @jit
@@ -124,7 +125,7 @@ def paged_latent_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: to
         q, pool, block_tables, lengths, part_out, part_lse, float(scale), H, rank, R - rank, block_size,
         q.stride(0), q.stride(1), pool.stride(0), block_tables.stride(0),
         BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_DR=BLOCK_DR, NUM_SPLITS=splits,
-        PRECISION=precision(q.dtype))
+        PRECISION=precision(q.dtype), num_warps=NUM_WARPS)
     launcher(_merge_kernel, q.device)[(B, H)](
         part_out, part_lse, out, rank, out.stride(0), out.stride(1), H,
         BLOCK_R=BLOCK_R, NUM_SPLITS=splits, SPLITS_P2=next_power_of_2(splits))

@@ -99,3 +99,65 @@ def grouped_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, swigl
         outs.append(y)
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
     return torch.cat(outs).to(xs.dtype) if outs else xs.new_zeros(0, n_out)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32) and a 32-bit constant c, without any int64 overflow: c is
+    split into 16-bit halves, so no product exceeds 2**48 (signed overflow is undefined on some backends)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche (the lowbias32 finalizer) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_row_keys(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """seeds [B] int64 (any value, 63 bits used), positions [B] int64 -> each row's 32-bit key [B] (int64),
+    from which `counter_uniform` draws one number per token."""
+    seeds, positions = seeds.to(torch.int64), positions.to(torch.int64)
+    lo, hi = seeds & _MASK32, (seeds >> 32) & _MASK32
+    return _mix32(_mix32(_mix32(lo ^ 0x243F6A88) ^ hi) ^ (positions & _MASK32))
+
+
+def counter_uniform(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """seeds [B] int64 (any value, 63 bits used), positions [B] int64 -> uniforms [B, V] float32 in (0, 1).
+
+    Element (b, v) is a function of (seeds[b], positions[b], v) alone: the same whatever else is in the batch,
+    with no generator state. Tensors in, tensors out; every op is elementwise (graph-capturable)."""
+    return uniform_from_keys(counter_row_keys(seeds, positions), vocab_size)
+
+
+def uniform_from_keys(row_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """row_keys [B] (`counter_row_keys`) -> uniforms [B, V] float32 in (0, 1), one per (row, token)."""
+    v = torch.arange(vocab_size, device=row_keys.device, dtype=torch.int64)
+    x = _mix32(_mix32(row_keys[:, None] ^ _mul32(v, 0x9E3779B9)[None, :]) ^ 0x85A308D3)  # [B, V]
+    # The top 24 bits, centred in their bin: exactly representable in float32, never 0 or 1.
+    return ((x >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def counter_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """seeds [B], positions [B] -> Exp(1) noise [B, V] (float32), keyed as in `counter_uniform`."""
+    return -torch.log(counter_uniform(seeds, positions, vocab_size))
+
+
+def counter_sample(logits: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor, greedy: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counter sampler without filters: logits [B, V], temperature [B] (positive), row_keys [B]
+    (`counter_row_keys`), greedy [B] bool -> tokens [B] int64 and their log-probs [B] float32 under
+    log_softmax(logits / temperature). A sampled row takes argmax(z - log E) over z = logits / temperature and
+    E = -log(u) its counter noise (the exponential race argmax(p / E), in logs); a greedy row argmax(z)."""
+    z = logits.float() / temperature[:, None]
+    lse = torch.logsumexp(z, dim=-1)
+    u = uniform_from_keys(row_keys, z.shape[1])
+    key = torch.where(greedy[:, None], z, z - torch.log(-torch.log(u)))
+    tokens = key.argmax(dim=-1)
+    return tokens, z.gather(1, tokens[:, None])[:, 0] - lse
