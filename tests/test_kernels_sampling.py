@@ -12,7 +12,7 @@ from model import kernels  # isort: skip
 from model.kernels import reference  # isort: skip
 
 
-def _inputs(B: int, V: int, device, dtype=torch.float32, seed: int = 0):
+def _inputs(B: int, V: int, device, dtype=torch.float32, seed: int = 0):  # noqa: F811
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(B, V, generator=gen) * 3).to(device, dtype)
     temperature = (torch.rand(B, generator=gen) + 0.5).to(device)
