@@ -1,6 +1,7 @@
 """Tile sizes of our Triton kernels, swept on the GPU at hand: each variant is checked against the PyTorch
 reference (relative error) and timed (median of CUDA-event timings), at the shapes bench/gpu.py reports.
-What the dispatch uses by default is the first variant of each kernel; the sweep says which to pick.
+The first variant of each kernel is the shape the dispatch used before the sweep of 2026-12-04 (H200); the
+dispatch's current choices (`launch_config`, `gemm_config`, lm_head's constants) come from that sweep.
 
     python bench/gpu_sweep.py                      # every kernel (a few minutes on an H200)
     python bench/gpu_sweep.py --kernels attention  # one
@@ -49,7 +50,15 @@ LM_HEAD = [dict(BLOCK_M=64, BLOCK_V=64, BLOCK_D=64, NUM_WARPS=4),
 
 
 def with_config(module, config: dict, fn):
-    """fn() with the module's tile constants set to config, restored after."""
+    """fn() with the module's launch shapes set to config (its OVERRIDE where it has one, else its tile
+    constants), restored after."""
+    if hasattr(module, "OVERRIDE"):
+        saved_override = module.OVERRIDE
+        module.OVERRIDE = config
+        try:
+            return fn()
+        finally:
+            module.OVERRIDE = saved_override
     saved = {k: getattr(module, k) for k in config}
     try:
         for k, v in config.items():

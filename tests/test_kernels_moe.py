@@ -53,8 +53,8 @@ def test_triton_grouped_gemm_matches_reference(case, swiglu, device):  # noqa: F
 
 def test_grouped_gemm_tile_plan_covers_every_row_once():
     offsets = torch.tensor([0, 0, 130, 131, 131, 200], dtype=torch.int32)  # empty experts, tiles cut by bounds
-    expert, start, end = moe.tile_plan(offsets, 200)
-    assert len(expert) == -(-200 // moe.BLOCK_M) + 5
+    expert, start, end = moe.tile_plan(offsets, 200, 64)
+    assert len(expert) == -(-200 // 64) + 5
     covered = torch.cat([torch.arange(s, e) for s, e in zip(start.tolist(), end.tolist())])
     assert covered.tolist() == list(range(200))
     for e, s, t in zip(expert.tolist(), start.tolist(), end.tolist()):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import decode_attention, lm_head, moe, sampling
+from ._triton import next_power_of_2
 
 #: Shared memory a block may use, bytes (H100/H200: 227 KB; A100: 163 KB).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -43,20 +44,24 @@ def specs(rank: int = 512, rope_dim: int = 64) -> list[Spec]:
     out = []
     for dtype, t in DTYPES.items():
         BLOCK_R, BLOCK_DR = decode_attention.block_sizes(rank, rope_dim)
-        splits = decode_attention.MAX_SPLITS
-        out.append(Spec(f"decode_attention.split[{t}]", decode_attention._split_kernel, _sig(
-            decode_attention._split_kernel,
-            dict(q_ptr=f"*{t}", pool_ptr=f"*{t}", tables_ptr="*i32", lengths_ptr="*i64", part_out_ptr="*fp32",
-                 part_lse_ptr="*fp32", scale="fp32", H="i32", rank="i32", rope_dim="i32", block_size="i32",
-                 stride_qb="i32", stride_qh="i32", stride_pool="i32", stride_tb="i32")),
-            dict(BLOCK_H=decode_attention.BLOCK_H, BLOCK_N=decode_attention.BLOCK_N, BLOCK_R=BLOCK_R,
-                 BLOCK_DR=BLOCK_DR, NUM_SPLITS=splits, PRECISION=decode_attention.precision(dtype)),
-            dict(num_warps=decode_attention.NUM_WARPS)))
-        out.append(Spec(f"decode_attention.merge[{t}]", decode_attention._merge_kernel, _sig(
-            decode_attention._merge_kernel,
-            dict(part_out_ptr="*fp32", part_lse_ptr="*fp32", out_ptr=f"*{t}", rank="i32", stride_ob="i32",
-                 stride_oh="i32", H="i32")),
-            dict(BLOCK_R=BLOCK_R, NUM_SPLITS=splits, SPLITS_P2=splits), uses_dot=False))
+        # The launch shapes the dispatch picks: a long-context small batch, a decode batch, V3's 128 heads.
+        for batch, heads in ((8, 16), (128, 16), (8, 128)):
+            config = decode_attention.launch_config(batch, heads)
+            splits = config["NUM_SPLITS"]
+            shape = f"h{config['BLOCK_H']}n{config['BLOCK_N']}s{splits}"
+            out.append(Spec(f"decode_attention.split[{t},{shape}]", decode_attention._split_kernel, _sig(
+                decode_attention._split_kernel,
+                dict(q_ptr=f"*{t}", pool_ptr=f"*{t}", tables_ptr="*i32", lengths_ptr="*i64", part_out_ptr="*fp32",
+                     part_lse_ptr="*fp32", scale="fp32", H="i32", rank="i32", rope_dim="i32", block_size="i32",
+                     stride_qb="i32", stride_qh="i32", stride_pool="i32", stride_tb="i32")),
+                dict(BLOCK_H=config["BLOCK_H"], BLOCK_N=config["BLOCK_N"], BLOCK_R=BLOCK_R,
+                     BLOCK_DR=BLOCK_DR, NUM_SPLITS=splits, PRECISION=decode_attention.precision(dtype)),
+                dict(num_warps=config["NUM_WARPS"])))
+            out.append(Spec(f"decode_attention.merge[{t},s{splits}]", decode_attention._merge_kernel, _sig(
+                decode_attention._merge_kernel,
+                dict(part_out_ptr="*fp32", part_lse_ptr="*fp32", out_ptr=f"*{t}", rank="i32", stride_ob="i32",
+                     stride_oh="i32", H="i32")),
+                dict(BLOCK_R=BLOCK_R, NUM_SPLITS=splits, SPLITS_P2=next_power_of_2(splits)), uses_dot=False))
 
         blocks = dict(BLOCK_M=lm_head.BLOCK_M, BLOCK_V=lm_head.BLOCK_V, BLOCK_D=lm_head.BLOCK_D,
                       PRECISION=lm_head._precision(dtype))
@@ -83,15 +88,17 @@ def specs(rank: int = 512, rope_dim: int = 64) -> list[Spec]:
         out.append(Spec(f"moe.unpermute[{t}]", moe._unpermute_kernel, _sig(moe._unpermute_kernel, dict(
             ys_ptr=f"*{t}", inverse_ptr="*i64", weights_ptr=f"*{t}", out_ptr=f"*{t}", N="i32", D="i32", K="i32",
             stride_y="i32", stride_o="i32")), gather, uses_dot=False))
-        for swiglu in (False, True):
-            out.append(Spec(f"moe.grouped_gemm{'_swiglu' if swiglu else ''}[{t}]", moe._grouped_gemm_kernel,
+        for swiglu, rows in ((False, 768), (True, 768), (False, 98304), (True, 98304)):  # decode and training sizes
+            config = moe.gemm_config(rows, swiglu)
+            shape = f"m{config['BLOCK_M']}n{config['BLOCK_N']}k{config['BLOCK_K']}"
+            out.append(Spec(f"moe.grouped_gemm{'_swiglu' if swiglu else ''}[{t},{shape}]", moe._grouped_gemm_kernel,
                             _sig(moe._grouped_gemm_kernel, dict(
                                 x_ptr=f"*{t}", w_ptr=f"*{t}", tile_expert_ptr="*i32", tile_start_ptr="*i64",
                                 tile_end_ptr="*i64", out_ptr=f"*{t}", N="i32", K="i32", I="i32", stride_x="i32",
                                 stride_we="i32", stride_wn="i32", stride_o="i32")),
-                            dict(BLOCK_M=moe.BLOCK_M, BLOCK_N=moe.BLOCK_N, BLOCK_K=moe.BLOCK_K, SWIGLU=swiglu,
-                                 PRECISION="ieee" if dtype == torch.float32 else "tf32"),
-                            dict(num_warps=moe.NUM_WARPS)))
+                            dict(BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+                                 SWIGLU=swiglu, PRECISION="ieee" if dtype == torch.float32 else "tf32"),
+                            dict(num_warps=config["NUM_WARPS"])))
     return out
 
 

@@ -12,11 +12,29 @@ import torch
 
 from ._triton import cdiv, jit, launcher, next_power_of_2, tl
 
-BLOCK_H = 16  # heads per program (tl.dot needs at least 16 rows)
-BLOCK_N = 32  # context positions per tile
-TARGET_PROGRAMS = 256  # splits are chosen so that about this many programs run (from B and H alone)
-MAX_SPLITS = 16
-NUM_WARPS = 4
+# Launch shapes, measured on an H200 (bench/gpu_sweep.py, bf16, rank 512 + rope 64, block size 16):
+# - few (sequence, head tile) pairs (a batch of 8 at 32k): split the context finely, 64-position tiles
+#   (0.178 ms against 0.251 with the busy-batch shape);
+# - many pairs (decode batches of 128+): fewer splits, 32-position tiles (0.135 ms at 128 x 1k, the best);
+# - 64+ heads (V3's 128): 64 heads a program, 8 warps, so the latents are read by 2 programs, not 8 (0.65 ms
+#   against 0.99 at 8 x 32k).
+FEW_PAIRS = 32  # (sequence, head tile) pairs up to which the context is split finely
+OVERRIDE: dict | None = None  # bench/gpu_sweep.py's variants: any of the keys `launch_config` returns
+
+
+def launch_config(batch: int, n_heads: int) -> dict:
+    """BLOCK_H (heads a program), BLOCK_N (positions a tile), NUM_WARPS and NUM_SPLITS, from B and H alone
+    (a CUDA graph's grid must not depend on the lengths)."""
+    block_h = 64 if n_heads >= 64 else 16  # tl.dot needs at least 16 rows
+    pairs = batch * cdiv(n_heads, block_h)
+    few = pairs <= FEW_PAIRS
+    target, max_splits = (1024, 64) if few else (256, 16)
+    config = dict(BLOCK_H=block_h, BLOCK_N=64 if few and block_h == 16 else 32, NUM_WARPS=8 if block_h == 64 else 4,
+                  TARGET_PROGRAMS=target, MAX_SPLITS=max_splits)
+    config.update(OVERRIDE or {})
+    pairs = batch * cdiv(n_heads, config["BLOCK_H"])
+    config["NUM_SPLITS"] = max(1, min(config["MAX_SPLITS"], config["TARGET_PROGRAMS"] // pairs))
+    return config
 
 
 @jit
@@ -91,11 +109,6 @@ def _merge_kernel(part_out_ptr, part_lse_ptr, out_ptr, rank, stride_ob, stride_o
              mask=offs_r < rank)
 
 
-def num_splits(batch: int, n_heads: int) -> int:
-    """Splits per sequence, from the batch and head count only (a CUDA graph's grid must not depend on lengths)."""
-    return max(1, min(MAX_SPLITS, TARGET_PROGRAMS // (batch * cdiv(n_heads, BLOCK_H))))
-
-
 def block_sizes(rank: int, rope_dim: int) -> tuple[int, int]:
     """The latent and rope tile widths (powers of two, at least 16 for tl.dot)."""
     return max(16, next_power_of_2(rank)), max(16, next_power_of_2(rope_dim))
@@ -114,18 +127,19 @@ def paged_latent_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: to
     if pool.stride(1) != 1:
         pool = pool.contiguous()
     block_tables = block_tables.contiguous()
-    splits = num_splits(B, H) if splits is None else splits
+    config = launch_config(B, H)
+    splits = config["NUM_SPLITS"] if splits is None else splits
     BLOCK_R, BLOCK_DR = block_sizes(rank, R - rank)
     part_out = torch.empty(B, H, splits, BLOCK_R, dtype=torch.float32, device=q.device)
     part_lse = torch.empty(B, H, splits, dtype=torch.float32, device=q.device)
     out = torch.empty(B, H, rank, dtype=q.dtype, device=q.device)
     if B == 0:
         return out
-    launcher(_split_kernel, q.device)[(B, cdiv(H, BLOCK_H), splits)](
+    launcher(_split_kernel, q.device)[(B, cdiv(H, config["BLOCK_H"]), splits)](
         q, pool, block_tables, lengths, part_out, part_lse, float(scale), H, rank, R - rank, block_size,
         q.stride(0), q.stride(1), pool.stride(0), block_tables.stride(0),
-        BLOCK_H=BLOCK_H, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, BLOCK_DR=BLOCK_DR, NUM_SPLITS=splits,
-        PRECISION=precision(q.dtype), num_warps=NUM_WARPS)
+        BLOCK_H=config["BLOCK_H"], BLOCK_N=config["BLOCK_N"], BLOCK_R=BLOCK_R, BLOCK_DR=BLOCK_DR, NUM_SPLITS=splits,
+        PRECISION=precision(q.dtype), num_warps=config["NUM_WARPS"])
     launcher(_merge_kernel, q.device)[(B, H)](
         part_out, part_lse, out, rank, out.stride(0), out.stride(1), H,
         BLOCK_R=BLOCK_R, NUM_SPLITS=splits, SPLITS_P2=next_power_of_2(splits))

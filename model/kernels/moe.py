@@ -11,8 +11,20 @@ from ._triton import cdiv, jit, launcher, tl
 from .reference import permutation_plan
 
 BLOCK_ROWS, BLOCK_COLS = 32, 64  # the gathers' tiles
-BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32  # the grouped GEMM's tiles
-NUM_WARPS = 4
+# The grouped GEMM's tiles, measured on an H200 (bench/gpu_sweep.py, bf16, 64 experts top-6, 2048 -> 1408):
+# 128 x 128 x 64 with 8 warps for training-sized row counts (SwiGLU 2.58 ms against 4.15 with 64 x 64 x 32 at
+# 16k tokens; down 1.67 against 4.22), and 64 rows for the SwiGLU GEMM of decode batches (0.55 ms against 0.64
+# at 128 tokens; its two accumulators make 128 rows slower there).
+LARGE_ROWS = 4096  # rows (token, expert pairs) from which the training-sized tiles serve the SwiGLU GEMM
+OVERRIDE: dict | None = None  # bench/gpu_sweep.py's variants: any of the keys `gemm_config` returns
+
+
+def gemm_config(rows: int, swiglu: bool) -> dict:
+    """BLOCK_M, BLOCK_N, BLOCK_K and NUM_WARPS of the grouped GEMM for `rows` rows (a shape, not a count read
+    from the device, so a decode step's grid is fixed)."""
+    config = dict(BLOCK_M=64 if swiglu and rows < LARGE_ROWS else 128, BLOCK_N=128, BLOCK_K=64, NUM_WARPS=8)
+    config.update(OVERRIDE or {})
+    return config
 
 
 @jit
@@ -111,7 +123,7 @@ def moe_unpermute(ys: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor
     return out
 
 
-def tile_plan(offsets: torch.Tensor, M: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def tile_plan(offsets: torch.Tensor, M: int, BLOCK_M: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row tiles of BLOCK_M within each expert, worked out on the device: for each of the cdiv(M, BLOCK_M) + E
     possible tiles, its expert and its rows [start, end) (start = end = 0 past the last tile)."""
     E = offsets.shape[0] - 1
@@ -136,9 +148,10 @@ def grouped_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, swigl
         return out
     xs = xs if xs.stride(1) == 1 else xs.contiguous()
     w = w if w.stride(2) == 1 else w.contiguous()
-    expert, start, end = tile_plan(offsets, M)
-    launcher(_grouped_gemm_kernel, xs.device)[(expert.shape[0], cdiv(N, BLOCK_N))](
+    config = gemm_config(M, swiglu)
+    expert, start, end = tile_plan(offsets, M, config["BLOCK_M"])
+    launcher(_grouped_gemm_kernel, xs.device)[(expert.shape[0], cdiv(N, config["BLOCK_N"]))](
         xs, w, expert, start, end, out, N, K, N, xs.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, SWIGLU=swiglu,
-        PRECISION="ieee" if xs.dtype == torch.float32 else "tf32", num_warps=NUM_WARPS)
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"], SWIGLU=swiglu,
+        PRECISION="ieee" if xs.dtype == torch.float32 else "tf32", num_warps=config["NUM_WARPS"])
     return out
