@@ -16,17 +16,17 @@ def _inputs(B: int, V: int, device, dtype=torch.float32, seed: int = 0):  # noqa
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(B, V, generator=gen) * 3).to(device, dtype)
     temperature = (torch.rand(B, generator=gen) + 0.5).to(device)
-    keys = reference.counter_row_keys(torch.randint(0, 2**62, (B,), generator=gen),
-                                      torch.randint(0, 1000, (B,), generator=gen)).to(device)
+    seeds = torch.randint(0, 2**62, (B,), generator=gen).to(device)
+    positions = torch.randint(0, 1000, (B,), generator=gen).to(device)
     greedy = (torch.arange(B) % 3 == 0).to(device)
-    return logits, temperature, keys, greedy
+    return logits, temperature, seeds, positions, greedy
 
 
 @pytest.mark.parametrize("B,V", [(1, 7), (5, 1000), (9, 3001)])
 def test_triton_counter_sample_matches_reference(B, V, device):  # noqa: F811
-    logits, temperature, keys, greedy = _inputs(B, V, device)
-    tokens, logprobs = kernels.counter_sample(logits, temperature, keys, greedy, impl="triton")
-    ref_tokens, ref_logprobs = reference.counter_sample(logits, temperature, keys, greedy)
+    logits, temperature, seeds, positions, greedy = _inputs(B, V, device)
+    tokens, logprobs = kernels.counter_sample(logits, temperature, seeds, positions, greedy, impl="triton")
+    ref_tokens, ref_logprobs = reference.counter_sample(logits, temperature, seeds, positions, greedy)
     assert torch.equal(tokens.cpu(), ref_tokens.cpu())
     torch.testing.assert_close(logprobs.cpu(), ref_logprobs.cpu(), atol=1e-5, rtol=1e-5)
     z = logits.float() / temperature[:, None]
@@ -34,10 +34,11 @@ def test_triton_counter_sample_matches_reference(B, V, device):  # noqa: F811
 
 
 def test_triton_counter_sample_of_a_row_is_the_same_in_any_batch(device):  # noqa: F811
-    logits, temperature, keys, greedy = _inputs(6, 2000, device, seed=1)
-    batch, _ = kernels.counter_sample(logits, temperature, keys, greedy, impl="triton")
+    logits, temperature, seeds, positions, greedy = _inputs(6, 2000, device, seed=1)
+    batch, _ = kernels.counter_sample(logits, temperature, seeds, positions, greedy, impl="triton")
     for b in (0, 4):
-        alone, _ = kernels.counter_sample(logits[b:b + 1], temperature[b:b + 1], keys[b:b + 1], greedy[b:b + 1],
+        one = slice(b, b + 1)
+        alone, _ = kernels.counter_sample(logits[one], temperature[one], seeds[one], positions[one], greedy[one],
                                           impl="triton")
         assert alone.item() == batch[b].item()
 
@@ -47,8 +48,8 @@ def test_counter_sample_draws_follow_the_softmax():
     V, n = 6, 20000
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]]).expand(n, V)
     temperature = torch.full((n,), 0.8)
-    keys = reference.counter_row_keys(torch.arange(n), torch.zeros(n, dtype=torch.int64))
-    tokens, logprobs = reference.counter_sample(logits, temperature, keys, torch.zeros(n, dtype=torch.bool))
+    tokens, logprobs = reference.counter_sample(logits, temperature, torch.arange(n), torch.zeros(n, dtype=torch.int64),
+                                                torch.zeros(n, dtype=torch.bool))
     expected = torch.softmax(logits[0] / 0.8, -1)
     freq = torch.bincount(tokens, minlength=V).float() / n
     assert (freq - expected).abs().max() < 0.015

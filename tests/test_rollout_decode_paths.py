@@ -30,13 +30,18 @@ def run(model, path: str, params: SamplingParams, **kw):
     return [c for o in out for c in o.completions]
 
 
+@pytest.mark.parametrize("sampler", ["generator", "counter"])
 @pytest.mark.parametrize("params", [
     SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
     SamplingParams(n=5, temperature=1.0, top_k=50, max_tokens=40, ignore_eos=True, seed=3),  # 20 rows: padded to 24
-], ids=["greedy", "sampled"])
-def test_buffered_decode_equals_the_eager_path(params):
+    SamplingParams(n=5, temperature=0.8, max_tokens=40, ignore_eos=True, seed=4),  # counter: sampled in the step
+], ids=["greedy", "top_k", "unfiltered"])
+def test_buffered_decode_equals_the_eager_path(params, sampler):
+    """The buffered step computes the eager step's logits; with the counter sampler and no filter it also
+    samples on the device (`ModelRunner.decode_tokens`), drawing what the eager sampler draws."""
     model = tiny()
-    eager, buffered = run(model, "eager", params), run(model, "buffers", params)
+    eager = run(model, "eager", params, sampler=sampler)
+    buffered = run(model, "buffers", params, sampler=sampler)
     assert [c.token_ids for c in buffered] == [c.token_ids for c in eager]
     for a, b in zip(eager, buffered):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
@@ -69,6 +74,8 @@ def test_cuda_graphs_give_the_eager_tokens(device):
     if device != "cuda":
         pytest.skip("CUDA graphs need a CUDA device (the buffered path above runs the same step on the CPU)")
     model = tiny(device)
+    sampled = SamplingParams(n=3, temperature=1.0, max_tokens=32, ignore_eos=True, seed=5)
+    assert [c.token_ids for c in run(model, "graphs", sampled)] == [c.token_ids for c in run(model, "buffers", sampled)]
     params = SamplingParams(n=3, temperature=0, max_tokens=32, ignore_eos=True)
     engine = Engine(model, block_size=16, num_blocks=64, decode_path="graphs")
     graphed = [c for o in engine.generate(PROMPTS, params) for c in o.completions]

@@ -9,7 +9,9 @@ size of a ladder, and each step then copies its inputs into the buffers the grap
   largest batch; a step writes them from one pinned host staging copy (host -> device, no sync). Rows past
   the real batch are padding: token 0 at position 0, written to and read from a scratch block that no
   sequence owns.
-- Graphs are captured lazily, the first time a padded size is met, and all share one memory pool.
+- Graphs are captured lazily, the first time a padded size is met, and all share one memory pool. Where the
+  rows sample with the counter sampler and no filters, the sampler is in the graph too (`tokens`), and a
+  step's only device -> host copy is its tokens and their log-probs.
 - A graph reads the weights at the addresses they had when it was captured: the weights' key (each
   parameter's address and version) is checked at every `generate`, and a change (an optimizer step, a new
   model) drops the graphs and the derived weights, to be captured again on first use.
@@ -19,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from model import CausalLM, LatentCache
+from model import CausalLM, LatentCache, kernels
 from model.cache import PagedCacheView
 
+ROWS = ("ids", "positions", "slots", "lengths", "seeds", "draws", "greedy")  # the int64 input rows, in order
 # Padded batch sizes: at most a third of a replay is padding, and few graphs to capture.
 LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -51,13 +54,17 @@ class DecodeGraphs:
         self.scratch_block = scratch_block
         device = cache.data.device
         B, W = self.max_batch, max_blocks
-        # ids, positions, slots, lengths: one int64 row each, so one host -> device copy carries all four.
-        self.inputs = torch.zeros(4, B, dtype=torch.int64, device=device)
+        # ids, positions, slots, lengths, then the sampler's seeds, draw indices and greedy flags: one int64 row
+        # each, so one host -> device copy carries them all (and one more the temperatures).
+        self.inputs = torch.zeros(len(ROWS), B, dtype=torch.int64, device=device)
+        self.temperature = torch.ones(B, dtype=torch.float32, device=device)
         self.tables = torch.zeros(B, W, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
-        self.host_inputs = torch.zeros(4, B, dtype=torch.int64, pin_memory=pin)
+        self.host_inputs = torch.zeros(len(ROWS), B, dtype=torch.int64, pin_memory=pin)
+        self.host_temperature = torch.ones(B, dtype=torch.float32, pin_memory=pin)
         self.host_tables = torch.zeros(B, W, dtype=torch.int32, pin_memory=pin)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (padded size, sampled?) -> the graph and its output: logits [P, V], or [2, P] tokens and log-probs
+        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
         self.key: tuple[int, ...] | None = None
         self.captures = 0  # graphs captured over this object's life (a test and the bench read it)
@@ -71,55 +78,89 @@ class DecodeGraphs:
             self.model.forget_derived_weights()
             self.key = key
 
-    def view(self, size: int) -> PagedCacheView:
-        """The paged view over the buffers' first `size` rows."""
-        slots = self.inputs[2, :size, None]
-        return PagedCacheView(self.cache, slots, None, block_tables=self.tables[:size],  # type: ignore[arg-type]
-                              lengths=self.inputs[3, :size], block_size=self.block_size,
-                              max_length=self.tables.shape[1] * self.block_size)
+    def view(self, size: int, width: int | None = None) -> PagedCacheView:
+        """The paged view over the buffers' first `size` rows and `width` table columns (all: a graph's shape is
+        fixed, and the Triton kernel reads only up to each length; an uncaptured step on a CPU passes the
+        batch's width, since the PyTorch reference gathers every column)."""
+        tables = self.tables[:size, :width]
+        return PagedCacheView(self.cache, self.inputs[2, :size, None], None,  # type: ignore[arg-type]
+                              block_tables=tables, lengths=self.inputs[3, :size], block_size=self.block_size,
+                              max_length=tables.shape[1] * self.block_size)
 
-    def _step(self, size: int) -> torch.Tensor:
-        return self.model.decode_logits(self.inputs[0, :size], self.inputs[1, :size], self.view(size))
+    def _step(self, size: int, sampled: bool, width: int | None = None) -> torch.Tensor:
+        """The captured computation: logits [size, V], or with the sampler [2, size] (tokens, log-probs) as float64."""
+        logits = self.model.decode_logits(self.inputs[0, :size], self.inputs[1, :size], self.view(size, width))
+        if not sampled:
+            return logits
+        tokens, logprobs = kernels.counter_sample(logits, self.temperature[:size], self.inputs[4, :size],
+                                                  self.inputs[5, :size], self.inputs[6, :size] != 0)
+        return torch.stack([tokens.double(), logprobs.double()])
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
+    def logits(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
         """One decode step of B sequences: each one's last token, its position, its cache slot and its block
         table -> logits [B, V] float32 (a view of the graph's output, valid until the next step)."""
+        return self._run(ids, positions, slots, tables, None)[: len(ids)]
+
+    def tokens(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
+               temperature: list[float], seeds: list[int], draws: list[int], greedy: list[bool]
+               ) -> tuple[list[int], list[float]]:
+        """One decode step and the counter sampler (no filters) in the same graph: the sequences' next tokens and
+        their log-probs, in one copy to the host. temperature: each row's (1 for greedy rows); seeds, draws:
+        each row's stream seed and the index of the token it draws (`model.kernels.counter_sample`)."""
+        out = self._run(ids, positions, slots, tables, (temperature, seeds, draws, greedy))
+        both = out[:, : len(ids)].tolist()
+        return [int(t) for t in both[0]], both[1]
+
+    def _run(self, ids, positions, slots, tables, sampling) -> torch.Tensor:
         B = len(ids)
         if self.max_batch < B:
             raise ValueError(f"a decode step of {B} sequences, but the graphs were sized for {self.max_batch}")
         size = padded_size(B)
-        scratch_slot = self.scratch_block * self.block_size
-        host = self.host_inputs
-        host[:3, :B] = torch.tensor([ids, positions, slots])  # one conversion from Python for all three
-        host[3, :B] = host[1, :B] + 1
-        host[:, B:size] = torch.tensor([0, 0, scratch_slot, 1])[:, None]
         width = max(len(t) for t in tables)
         if width > self.tables.shape[1]:
             raise ValueError(f"a block table of {width} blocks, but the graphs were sized for {self.tables.shape[1]}")
+        host = self.host_inputs
+        sampled = sampling is not None
+        rows = [ids, positions, slots]
+        if sampled:
+            temperature, seeds, draws, greedy = sampling
+            rows += [seeds, draws, greedy]
+            self.host_temperature[:B] = torch.tensor(temperature)
+            self.host_temperature[B:size] = 1.0
+        filled = torch.tensor(rows)  # one conversion from Python for all rows
+        host[:3, :B] = filled[:3]
+        host[3, :B] = host[1, :B] + 1
+        if sampled:
+            host[4:, :B] = filled[3:]
+        # padding: token 0 at position 0, in the scratch block; a greedy draw
+        host[:, B:size] = torch.tensor([0, 0, self.scratch_block * self.block_size, 1, 0, 0, 1])[:, None]
         self.host_tables[:B, :width] = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
         self.host_tables[B:size, 0] = self.scratch_block
         self.inputs[:, :size].copy_(host[:, :size], non_blocking=True)
         self.tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
+        if sampled:
+            self.temperature[:size].copy_(self.host_temperature[:size], non_blocking=True)
         if not self.capture:
-            return self._step(size)[:B]
-        if size not in self.graphs:
-            self.graphs[size] = self._capture(size)
-        graph, logits = self.graphs[size]
+            return self._step(size, sampled, width)
+        key = (size, sampled)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(size, sampled)
+        graph, out = self.graphs[key]
         graph.replay()
-        return logits[:B]
+        return out
 
-    def _capture(self, size: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, size: int, sampled: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (Triton compiles, derived weights are made), then capture. The warm-up
         writes the current step's latents to the cache: the same values the replay writes."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step(size)
+                self._step(size, sampled)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(size)
+            out = self._step(size, sampled)
         self.pool = graph.pool()
         self.captures += 1
-        return graph, logits
+        return graph, out

@@ -133,8 +133,15 @@ class Engine:
         while not scheduler.done:
             batch, prefill, copies = scheduler.schedule()
             self.runner.copy_blocks(copies)
-            logits = self.runner.forward(batch, prefill)
             steps += 1
+            if not prefill and self._samples_on_device(batch):
+                tokens, logprobs = self.runner.decode_tokens(
+                    batch, [s.params.temperature if s.params.temperature > 0 else 1.0 for s in batch],
+                    [s.seed or 0 for s in batch], [s.num_completion_tokens for s in batch],
+                    [s.params.greedy for s in batch])
+                self._append(batch, tokens, logprobs, scheduler, outputs, bar)
+                continue
+            logits = self.runner.forward(batch, prefill)
             rows, seqs = [], []
             for row, seq in enumerate(batch):
                 if seq.fan_out:  # a prompt: fork it into its samples, each taking a first token
@@ -154,20 +161,31 @@ class Engine:
                         scheduler.running.append(seq)
                     rows.append(row)
                     seqs.append(seq)
-            tokens, logprobs = self._sample(logits[rows], seqs)
-            for seq, token, logprob in zip(seqs, tokens, logprobs):
-                seq.append(token, logprob)
-                reason = self._finish_reason(seq)
-                if reason:
-                    scheduler.finish(seq, reason)
-                    outputs[seq.request_index].completions[seq.sample_index] = self._completion(seq)
-                    bar.update(1)
+            tokens, logprobs = self._sample(logits if rows == list(range(len(batch))) else logits[rows], seqs)
+            self._append(seqs, tokens, logprobs, scheduler, outputs, bar)
         bar.close()
         self.last_stats = {"steps": steps, "preemptions": scheduler.num_preemptions,
                            "blocks_allocated": self.block_manager.blocks_allocated}
         return outputs
 
     # ----- helpers -----------------------------------------------------------------------------------------
+    def _append(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float], scheduler: Scheduler,
+                outputs: list[RequestOutput], bar) -> None:
+        """Each sequence takes its new token; the finished ones leave the scheduler for their output slot."""
+        for seq, token, logprob in zip(seqs, tokens, logprobs):
+            seq.append(token, logprob)
+            reason = self._finish_reason(seq)
+            if reason:
+                scheduler.finish(seq, reason)
+                outputs[seq.request_index].completions[seq.sample_index] = self._completion(seq)
+                bar.update(1)
+
+    def _samples_on_device(self, batch: list[Sequence]) -> bool:
+        """Whether a decode step of `batch` samples inside the decode graph: the counter sampler, the buffered
+        paths, and no top-k/top-p/min-p filter in the batch (those sample from the logits, as on a CPU)."""
+        return (self.sampler == "counter" and self.runner.decode_graphs is not None
+                and not any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0 for s in batch))
+
     def _check_fits(self, index: int, prompt_len: int, sp: SamplingParams) -> None:
         if prompt_len == 0:
             raise ValueError(f"request {index}: empty prompt")

@@ -164,19 +164,22 @@ class ModelRunner:
             s.num_cached = s.num_tokens
         return self.model.logits(last).float()
 
-    def _decode_buffered(self, seqs: list[Sequence]) -> torch.Tensor:
-        """A decode step through the persistent buffers (and CUDA graphs): [B, V] float32."""
+    def _decode_buffered(self, seqs: list[Sequence], sampling: tuple | None = None):
+        """A decode step through the persistent buffers (and CUDA graphs): logits [B, V] float32, or with
+        `sampling` (`DecodeGraphs.tokens`' sampler inputs) the sampled tokens and log-probs."""
         bs = self.block_size
         positions = [s.num_tokens - 1 for s in seqs]
         for s in seqs:
             if s.num_tokens - s.num_cached != 1:
                 raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        inputs = ([s.token_ids[-1] for s in seqs], positions, slots, [s.block_table for s in seqs])
+        graphs = self.decode_graphs
+        assert graphs is not None
         if self.record_routing:
             self.model.record_routing(True)
         try:
-            logits = self.decode_graphs.run([s.token_ids[-1] for s in seqs], positions, slots,  # type: ignore[union-attr]
-                                            [s.block_table for s in seqs])
+            out = graphs.logits(*inputs) if sampling is None else graphs.tokens(*inputs, *sampling)
             routing = self.model.recorded_routing() if self.record_routing else None  # [P, 1, M, K]
         finally:
             if self.record_routing:
@@ -187,4 +190,12 @@ class ModelRunner:
             if routing is not None:
                 s.routing = [*s.routing, routing[b]]
             s.num_cached = s.num_tokens
-        return logits
+        return out
+
+    def decode_tokens(self, seqs: list[Sequence], temperature: list[float], seeds: list[int], draws: list[int],
+                      greedy: list[bool]) -> tuple[list[int], list[float]]:
+        """A decode step with the counter sampler (no filters) run on the device after it (in the same CUDA
+        graph): the sequences' next tokens and their log-probs. Needs the buffered or graphs path."""
+        if self.decode_graphs is None:
+            raise RuntimeError("decode_tokens needs decode_path 'buffers' or 'graphs'")
+        return self._decode_buffered(seqs, (temperature, seeds, draws, greedy))

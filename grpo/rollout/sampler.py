@@ -57,7 +57,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     greedy = [p.greedy for p in params]
     if seeds is not None and not any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
         # Nothing to filter: one pass over the logits (`model.kernels.counter_sample`), one copy to the host.
-        tokens, chosen = kernels.counter_sample(logits, temperature, counter_row_keys(seeds, positions),  # type: ignore[arg-type]
+        tokens, chosen = kernels.counter_sample(logits, temperature, seeds, positions,  # type: ignore[arg-type]
                                                 torch.tensor(greedy, device=logits.device))
         both = torch.cat([tokens.double(), chosen.double()]).tolist()
         return [int(t) for t in both[: len(params)]], both[len(params):]

@@ -166,14 +166,15 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Ten
     return moe_unpermute(grouped_gemm(h, down_proj, offsets, impl=chosen), inverse, weights.to(x.dtype), impl=chosen)
 
 
-def counter_sample(logits: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor, greedy: torch.Tensor,
-                   impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def counter_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+                   greedy: torch.Tensor, impl: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The rollout's counter sampler without top-k/top-p/min-p filters, in one pass over the logits where Triton
-    runs: logits [B, V], temperature [B] (positive; 1 for greedy rows), row_keys [B] int64 (each row's key from
-    its seed and position, `reference.counter_row_keys`), greedy [B] bool -> tokens [B] int64 and their
-    log-probs [B] float32 under log_softmax(logits / temperature). See `reference.counter_sample`."""
+    runs (no host sync: a CUDA graph can capture it): logits [B, V], temperature [B] (positive; 1 for greedy
+    rows), seeds and positions [B] int64 (each row's stream seed and the index of the token it draws), greedy
+    [B] bool -> tokens [B] int64 and their log-probs [B] float32 under log_softmax(logits / temperature).
+    See `reference.counter_sample`."""
     if select_impl(logits.device, logits.dtype, impl) == "triton":
         from . import sampling
 
-        return sampling.counter_sample(logits, temperature, row_keys, greedy)
-    return reference.counter_sample(logits, temperature, row_keys, greedy)
+        return sampling.counter_sample(logits, temperature, seeds, positions, greedy)
+    return reference.counter_sample(logits, temperature, seeds, positions, greedy)

@@ -77,7 +77,8 @@ def specs(rank: int = 512, rope_dim: int = 64) -> list[Spec]:
                             dict(blocks, HAS_G_LP=True, HAS_G_ENT=True), dict(num_warps=lm_head.NUM_WARPS)))
 
         out.append(Spec(f"sampling.counter_sample[{t}]", sampling._sample_kernel, _sig(sampling._sample_kernel, dict(
-            logits_ptr=f"*{t}", temperature_ptr="*fp32", keys_ptr="*i64", greedy_ptr="*i8", tokens_ptr="*i64",
+            logits_ptr=f"*{t}", temperature_ptr="*fp32", seeds_ptr="*i64", positions_ptr="*i64", greedy_ptr="*i8",
+            tokens_ptr="*i64",
             logprobs_ptr="*fp32", V="i32", stride_l="i32")), dict(BLOCK_V=sampling.BLOCK_V),
             dict(num_warps=sampling.NUM_WARPS), uses_dot=False))
 

@@ -149,15 +149,16 @@ def counter_exponential(seeds: torch.Tensor, positions: torch.Tensor, vocab_size
     return -torch.log(counter_uniform(seeds, positions, vocab_size))
 
 
-def counter_sample(logits: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor, greedy: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The counter sampler without filters: logits [B, V], temperature [B] (positive), row_keys [B]
-    (`counter_row_keys`), greedy [B] bool -> tokens [B] int64 and their log-probs [B] float32 under
+def counter_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+                   greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The counter sampler without filters: logits [B, V], temperature [B] (positive), seeds and positions [B]
+    int64 (each row's stream seed and the index of the token it draws: `counter_row_keys`), greedy [B] bool ->
+    tokens [B] int64 and their log-probs [B] float32 under
     log_softmax(logits / temperature). A sampled row takes argmax(z - log E) over z = logits / temperature and
     E = -log(u) its counter noise (the exponential race argmax(p / E), in logs); a greedy row argmax(z)."""
     z = logits.float() / temperature[:, None]
     lse = torch.logsumexp(z, dim=-1)
-    u = uniform_from_keys(row_keys, z.shape[1])
+    u = uniform_from_keys(counter_row_keys(seeds, positions), z.shape[1])
     key = torch.where(greedy[:, None], z, z - torch.log(-torch.log(u)))
     tokens = key.argmax(dim=-1)
     return tokens, z.gather(1, tokens[:, None])[:, 0] - lse

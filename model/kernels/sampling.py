@@ -1,5 +1,5 @@
-"""The counter sampler in one pass over the logits, in Triton: per row, the log-sum-exp (online), the
-counter noise of every token (the same 32-bit hash as `reference.uniform_from_keys`, in uint32 arithmetic)
+"""The counter sampler in one pass over the logits, in Triton: per row, its key from its seed and position,
+the log-sum-exp (online), the counter noise of every token (the same 32-bit hash as `reference.uniform_from_keys`, in uint32 arithmetic)
 and the running argmax of z - log(E), so a [B, V] row of logits is read once and nothing of size [B, V] is
 written. The PyTorch version of the same draw (`reference.counter_sample`) makes some thirty [B, V] int64
 passes; on a GPU at V = 102,400 and B = 128 that is milliseconds per decode step."""
@@ -25,12 +25,16 @@ def _mix32(x):
 
 
 @jit
-def _sample_kernel(logits_ptr, temperature_ptr, keys_ptr, greedy_ptr, tokens_ptr, logprobs_ptr, V, stride_l,
-                   BLOCK_V: tl.constexpr):
+def _sample_kernel(logits_ptr, temperature_ptr, seeds_ptr, positions_ptr, greedy_ptr, tokens_ptr, logprobs_ptr, V,
+                   stride_l, BLOCK_V: tl.constexpr):
     """One row: tokens[b] = argmax over v of key(v), logprobs[b] = z[token] - logsumexp(z), z = logits / t."""
     b = tl.program_id(0)
     t = tl.load(temperature_ptr + b)
-    row_key = tl.load(keys_ptr + b).to(tl.uint32)
+    seed = tl.load(seeds_ptr + b)
+    lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+    hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    position = (tl.load(positions_ptr + b) & 0xFFFFFFFF).to(tl.uint32)
+    row_key = _mix32(_mix32(_mix32(lo ^ 0x243F6A88) ^ hi) ^ position)  # `reference.counter_row_keys`
     greedy = tl.load(greedy_ptr + b) != 0
     m = tl.full([1], float("-inf"), tl.float32)
     l = tl.zeros([1], tl.float32)
@@ -63,8 +67,8 @@ def _sample_kernel(logits_ptr, temperature_ptr, keys_ptr, greedy_ptr, tokens_ptr
     tl.store(logprobs_ptr + b + one, best_z - lse)
 
 
-def counter_sample(logits: torch.Tensor, temperature: torch.Tensor, row_keys: torch.Tensor, greedy: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def counter_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
+                   greedy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """See `model.kernels.counter_sample`; the Triton path."""
     B, V = logits.shape
     tokens = torch.empty(B, dtype=torch.int64, device=logits.device)
@@ -74,6 +78,7 @@ def counter_sample(logits: torch.Tensor, temperature: torch.Tensor, row_keys: to
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     launcher(_sample_kernel, logits.device)[(B,)](
-        logits, temperature.float().contiguous(), row_keys.contiguous(), greedy.to(torch.int8).contiguous(),
-        tokens, logprobs, V, logits.stride(0), BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+        logits, temperature.float().contiguous(), seeds.to(torch.int64).contiguous(),
+        positions.to(torch.int64).contiguous(), greedy.to(torch.int8).contiguous(), tokens, logprobs, V,
+        logits.stride(0), BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
     return tokens, logprobs
