@@ -232,6 +232,14 @@ class Experts(nn.Module):
             # `model.kernels`' dispatch (Triton on CUDA): expert offsets stay on the device, so a decode step
             # reads nothing back to the host and can be captured in a CUDA graph.
             return kernels.routed_experts(x, weights, expert_ids, self.gate_up_proj, self.down_proj)
+        if x.is_cuda:
+            # Training on CUDA, through the same dispatch: `kernels.routed_experts` differentiates itself (Triton's
+            # grouped GEMMs and their backward, or torch._grouped_mm in bf16 on Hopper), with no host read of the
+            # expert counts. Autocast does not reach its kernels: they run in autocast's dtype, cast here.
+            dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+            with torch.autocast("cuda", enabled=False):
+                return kernels.routed_experts(x.to(dtype), weights, expert_ids, self.gate_up_proj.to(dtype),
+                                              self.down_proj.to(dtype))
         flat_ids, order, token_of, expert_counts = sort_by_expert(expert_ids, self.n_experts)
         if not torch.is_grad_enabled() and expert_ids.numel() <= self.small_batch * self.n_experts:
             counts = expert_counts.tolist()

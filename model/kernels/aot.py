@@ -89,17 +89,40 @@ def specs(rank: int = 512, rope_dim: int = 64) -> list[Spec]:
         out.append(Spec(f"moe.unpermute[{t}]", moe._unpermute_kernel, _sig(moe._unpermute_kernel, dict(
             ys_ptr=f"*{t}", inverse_ptr="*i64", weights_ptr=f"*{t}", out_ptr=f"*{t}", N="i32", D="i32", K="i32",
             stride_y="i32", stride_o="i32")), gather, uses_dot=False))
-        for swiglu, rows in ((False, 768), (True, 768), (False, 98304), (True, 98304)):  # decode and training sizes
-            config = moe.gemm_config(rows, swiglu)
-            shape = f"m{config['BLOCK_M']}n{config['BLOCK_N']}k{config['BLOCK_K']}"
-            out.append(Spec(f"moe.grouped_gemm{'_swiglu' if swiglu else ''}[{t},{shape}]", moe._grouped_gemm_kernel,
-                            _sig(moe._grouped_gemm_kernel, dict(
-                                x_ptr=f"*{t}", w_ptr=f"*{t}", tile_expert_ptr="*i32", tile_start_ptr="*i64",
-                                tile_end_ptr="*i64", out_ptr=f"*{t}", N="i32", K="i32", I="i32", stride_x="i32",
-                                stride_we="i32", stride_wn="i32", stride_o="i32")),
-                            dict(BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
-                                 SWIGLU=swiglu, PRECISION="ieee" if dtype == torch.float32 else "tf32"),
-                            dict(num_warps=config["NUM_WARPS"])))
+        gemm = dict(x_ptr=f"*{t}", w_ptr=f"*{t}", tile_expert_ptr="*i32", tile_start_ptr="*i64",
+                    tile_end_ptr="*i64", out_ptr=f"*{t}", N="i32", K="i32", I="i32", stride_x="i32", stride_we="i32",
+                    stride_o="i32")
+        # A unit stride is a constant in the compiled kernel (Triton specializes ints equal to 1): the forward
+        # reads nn.Linear's layout (stride_wk 1), the training backward's d(input) the transposed matrix
+        # (stride_wn 1). Each at the tiles `gemm_config` picks for decode and for training sizes.
+        for name, swiglu, unit in (("grouped_gemm", False, "stride_wk"), ("grouped_gemm_swiglu", True, "stride_wk"),
+                                   ("grouped_gemm_transposed_w", False, "stride_wn")):
+            other = "stride_wn" if unit == "stride_wk" else "stride_wk"
+            configs = {tuple(c.items()): c for c in (moe.gemm_config(rows, swiglu) for rows in (768, 98304))}
+            for config in configs.values():  # the distinct ones
+                shape = f"m{config['BLOCK_M']}n{config['BLOCK_N']}k{config['BLOCK_K']}"
+                out.append(Spec(f"moe.{name}[{t},{shape}]", moe._grouped_gemm_kernel,
+                                _sig(moe._grouped_gemm_kernel, dict(gemm, **{unit: "constexpr", other: "i32"})),
+                                {unit: 1, "BLOCK_M": config["BLOCK_M"], "BLOCK_N": config["BLOCK_N"],
+                                 "BLOCK_K": config["BLOCK_K"], "SWIGLU": swiglu, "PRECISION": moe.precision(dtype)},
+                                dict(num_warps=config["NUM_WARPS"])))
+        out.append(Spec(f"moe.grouped_outer[{t}]", moe._grouped_outer_kernel, _sig(moe._grouped_outer_kernel, dict(
+            a_ptr=f"*{t}", b_ptr=f"*{t}", offsets_ptr="*i32", out_ptr=f"*{t}", P="i32", Q="i32", stride_a="i32",
+            stride_b="i32", stride_oe="i32", stride_op="i32")),
+            dict(BLOCK_P=moe.OUTER_BLOCK_P, BLOCK_Q=moe.OUTER_BLOCK_Q, BLOCK_R=moe.OUTER_BLOCK_R,
+                 PRECISION=moe.precision(dtype)), dict(num_warps=moe.OUTER_NUM_WARPS)))
+        out.append(Spec(f"moe.swiglu[{t}]", moe._swiglu_kernel, _sig(moe._swiglu_kernel, dict(
+            gu_ptr=f"*{t}", h_ptr=f"*{t}", M="i32", I="i32", stride_gu="i32", stride_h="i32")), gather,
+            uses_dot=False))
+        out.append(Spec(f"moe.swiglu_backward[{t}]", moe._swiglu_backward_kernel, _sig(moe._swiglu_backward_kernel, dict(
+            gu_ptr=f"*{t}", dh_ptr=f"*{t}", dgu_ptr=f"*{t}", h_ptr=f"*{t}", M="i32", I="i32", stride_gu="i32",
+            stride_dh="i32", stride_h="i32")), gather, uses_dot=False))
+        out.append(Spec(f"moe.permute_grad[{t}]", moe._permute_grad_kernel, _sig(moe._permute_grad_kernel, dict(
+            g_ptr=f"*{t}", order_ptr="*i64", weights_ptr=f"*{t}", out_ptr=f"*{t}", M="i32", D="i32", K="i32",
+            stride_g="i32", stride_o="i32")), gather, uses_dot=False))
+        out.append(Spec(f"moe.weights_grad[{t}]", moe._weights_grad_kernel, _sig(moe._weights_grad_kernel, dict(
+            g_ptr=f"*{t}", ys_ptr=f"*{t}", inverse_ptr="*i64", out_ptr="*fp32", N="i32", D="i32", K="i32",
+            stride_g="i32", stride_y="i32")), gather, uses_dot=False))
     return out
 
 

@@ -66,14 +66,21 @@ def moe_permute(x: torch.Tensor, expert_ids: torch.Tensor, n_experts: int
 def permutation_plan(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """expert_ids [N, K] -> token_of [N*K], inverse [N*K], offsets [E + 1] int32 of `moe_permute`: a stable
     sort by expert, on the device (no host sync). The Triton path gathers the rows by the same plan."""
+    order, inverse, offsets = pair_order(expert_ids, n_experts)
+    return order // expert_ids.shape[1], inverse, offsets
+
+
+def pair_order(expert_ids: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """expert_ids [N, K] -> order [N*K] (the (token, k) pair n*K + k in each row of expert order), inverse [N*K]
+    (its inverse) and offsets [E + 1] int32: `permutation_plan` before order becomes tokens (the backward
+    needs the pairs, for their routing weights)."""
     N, K = expert_ids.shape
     flat = expert_ids.flatten()
     order = flat.argsort(stable=True)
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=expert_ids.device))
     counts = torch.zeros(n_experts, dtype=torch.int64, device=expert_ids.device).scatter_add_(
         0, flat, torch.ones_like(flat))
-    offsets = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
-    return order // K, inverse, offsets
+    return order, inverse, F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
 
 
 def moe_unpermute(ys: torch.Tensor, inverse: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -100,6 +107,16 @@ def grouped_gemm(xs: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, swigl
     n_out = w.shape[1] // 2 if swiglu else w.shape[1]
     return torch.cat(outs).to(xs.dtype) if outs else xs.new_zeros(0, n_out)
 
+
+def routed_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up_proj: torch.Tensor,
+                   down_proj: torch.Tensor) -> torch.Tensor:
+    """sum_k weights[:, k] * expert_{ids[:, k]}(x), each expert a SwiGLU MLP: permute, grouped GEMM gate_up with
+    SwiGLU, grouped GEMM down, un-permute weighted. x [N, D], weights/expert_ids [N, K], gate_up_proj [E, 2I, D],
+    down_proj [E, D, I] -> [N, D] in x's dtype, float32 inside; differentiable (torch.autograd) in x, weights
+    and both projections."""
+    xs, _, inverse, offsets = moe_permute(x, expert_ids, gate_up_proj.shape[0])
+    h = grouped_gemm(xs, gate_up_proj, offsets, swiglu=True)
+    return moe_unpermute(grouped_gemm(h, down_proj, offsets), inverse, weights.to(x.dtype))
 
 _MASK32 = 0xFFFFFFFF
 
