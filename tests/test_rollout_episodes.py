@@ -40,10 +40,11 @@ def full_logprobs(model, ids):
         return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
 
 
-def test_sampled_tokens_and_logprobs_equal_a_full_recompute_across_tool_turns(model):
+@pytest.mark.parametrize("decode_path", ["eager", "buffers"])
+def test_sampled_tokens_and_logprobs_equal_a_full_recompute_across_tool_turns(model, decode_path):
     """The policy's tokens after a tool turn are sampled from the whole prefix (tool tokens included): the
     engine's log-probs equal a plain forward over prompt + episode at every sampled position."""
-    engine = Engine(model, TOK, block_size=4, num_blocks=256)
+    engine = Engine(model, TOK, block_size=4, num_blocks=256, decode_path=decode_path)
     prompt = TOK.encode("12+34=")
     outs, _ = generate_episodes(engine, [prompt], SamplingParams(n=3, max_tokens=30, seed=0, ignore_eos=True),
                                 EveryN(5), max_tool_calls=3)
