@@ -67,7 +67,8 @@ def build_toolbox(recipe: Recipe):
         return None
     from .tools import Toolbox
 
-    return Toolbox(t.names, max_workers=t.max_workers, timeout_s=t.timeout_s, max_output_chars=t.max_output_chars)
+    return Toolbox(t.names, max_workers=t.max_workers, timeout_s=t.timeout_s, max_output_chars=t.max_output_chars,
+                   options=t.options)
 
 
 # ----- models ---------------------------------------------------------------------------------------------

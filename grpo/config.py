@@ -92,6 +92,7 @@ class ToolsSection:
     timeout_s: float = 10.0  # each call's limit
     max_workers: int = 4  # calls running at once
     max_output_chars: int = 1024  # a longer result is cut
+    options: dict[str, Any] = field(default_factory=dict)  # per tool name, e.g. {python: {syntax: tags}}
 
 
 @dataclass

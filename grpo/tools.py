@@ -34,6 +34,9 @@ class CallSyntax:
 
 PYTHON_FENCE = CallSyntax("```python\n", "```", "```output\n", "```\n")
 """A code tool's call: a fenced Python block; its output comes back in an output fence."""
+PYTHON_TAGS = CallSyntax("<python>", "</python>", "<output>", "</output>")
+"""The same with tags, for tokenizers without a backtick (the built-in character tokenizer)."""
+SYNTAXES = {"fence": PYTHON_FENCE, "tags": PYTHON_TAGS}
 TOOL_CALL_TAGS = CallSyntax("<tool_call>", "</tool_call>", "<tool_response>\n", "\n</tool_response>\n")
 """A function tool's call: `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (Hermes / Qwen, as TRL)."""
 
@@ -59,7 +62,7 @@ TOOLS: dict[str, Callable[..., Tool]] = {}
 
 
 def register_tool(name: str) -> Callable[[Callable[..., Tool]], Callable[..., Tool]]:
-    """Registers a tool factory under `name`: factory(timeout_s, max_output_chars) -> Tool."""
+    """Registers a tool factory under `name`: factory(timeout_s, max_output_chars, **options) -> Tool."""
 
     def register(factory: Callable[..., Tool]) -> Callable[..., Tool]:
         TOOLS[name] = factory
@@ -69,9 +72,12 @@ def register_tool(name: str) -> Callable[[Callable[..., Tool]], Callable[..., To
 
 
 @register_tool("python")
-def python_tool(timeout_s: float = 10.0, max_output_chars: int = 1024) -> Tool:
+def python_tool(timeout_s: float = 10.0, max_output_chars: int = 1024, syntax: str = "fence") -> Tool:
     """Runs the call's code as a program in the code reward's sandbox (its own processes, limits, no network,
-    killed at the timeout); stdout is the output, a non-zero exit returns stdout and the error's last lines."""
+    killed at the timeout); stdout is the output, a non-zero exit returns stdout and the error's last lines.
+    syntax: "fence" (```python ... ```) or "tags" (<python>...</python>, output in <output>...</output>)."""
+    if syntax not in SYNTAXES:
+        raise ValueError(f"python tool: syntax {syntax!r} is not allowed; allowed: {', '.join(SYNTAXES)}")
     limits = SandboxLimits(cpu_seconds=max(1, math.ceil(timeout_s)), wall_seconds=timeout_s,
                            output_bytes=max(4 * max_output_chars, 4096))
 
@@ -84,20 +90,20 @@ def python_tool(timeout_s: float = 10.0, max_output_chars: int = 1024) -> Tool:
             raise ToolError(f"{result.stdout}{tail or f'exit code {result.returncode}'}")
         return result.stdout
 
-    return Tool("python", run, PYTHON_FENCE, code=True, description="run Python code; its stdout is returned")
+    return Tool("python", run, SYNTAXES[syntax], code=True, description="run Python code; its stdout is returned")
 
 
 def resolve_tool(spec: str | Callable[..., Any] | Tool, timeout_s: float = 10.0,
-                 max_output_chars: int = 1024) -> Tool:
-    """A registered name ("python"), "pkg.module:function", "path/file.py:function", a function or a Tool.
-    A function becomes a JSON-called tool named after it (TRL's `tools=[fn]`)."""
+                 max_output_chars: int = 1024, options: dict[str, Any] | None = None) -> Tool:
+    """A registered name ("python", built with `options`), "pkg.module:function", "path/file.py:function", a
+    function or a Tool. A function becomes a JSON-called tool named after it (TRL's `tools=[fn]`)."""
     if isinstance(spec, Tool):
         return spec
     if isinstance(spec, str) and ":" not in spec:
         if spec not in TOOLS:
             raise ValueError(f"unknown tool {spec!r}; registered: {', '.join(sorted(TOOLS))}, "
                              "or 'pkg.module:function' / 'path/file.py:function'")
-        return TOOLS[spec](timeout_s=timeout_s, max_output_chars=max_output_chars)
+        return TOOLS[spec](timeout_s=timeout_s, max_output_chars=max_output_chars, **(options or {}))
     fn = resolve(spec) if isinstance(spec, str) else spec
     if not callable(fn):
         raise TypeError(f"tool {spec!r} is not callable")
@@ -119,16 +125,24 @@ class Toolbox:
         complete call of any of them is the call).
     max_workers: calls running at once; timeout_s: each call's limit (a hung function's thread is left behind
         and no longer counts against max_workers; the python tool's process is killed);
-    max_output_chars: a result longer than this is cut."""
+    max_output_chars: a result longer than this is cut; options: per registered tool name, its factory's options
+        (e.g. {"python": {"syntax": "tags"}})."""
 
     def __init__(self, tools: Sequence[str | Callable[..., Any] | Tool], *, max_workers: int = 4,
-                 timeout_s: float = 10.0, max_output_chars: int = 1024):
+                 timeout_s: float = 10.0, max_output_chars: int = 1024,
+                 options: dict[str, dict[str, Any]] | None = None):
         if not tools:
             raise ValueError("a Toolbox needs at least one tool")
         if max_workers < 1 or timeout_s <= 0 or max_output_chars < 1:
             raise ValueError(f"Toolbox: max_workers >= 1, timeout_s > 0 and max_output_chars >= 1 are needed; got "
                              f"{max_workers}, {timeout_s}, {max_output_chars}")
-        self.tools = {t.name: t for t in (resolve_tool(s, timeout_s, max_output_chars) for s in tools)}
+        options = options or {}
+        unknown = set(options) - {s for s in tools if isinstance(s, str)}
+        if unknown:
+            raise ValueError(f"Toolbox options for {', '.join(sorted(unknown))}, which are not among its tools")
+        self.tools = {t.name: t for t in (resolve_tool(s, timeout_s, max_output_chars,
+                                                       options.get(s) if isinstance(s, str) else None)
+                                          for s in tools)}
         self.max_workers, self.timeout_s, self.max_output_chars = max_workers, timeout_s, max_output_chars
         self.syntaxes = list(dict.fromkeys(t.syntax for t in self.tools.values()))
 

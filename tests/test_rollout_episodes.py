@@ -157,3 +157,23 @@ def test_an_engine_that_cannot_pause_is_refused_naming_the_key():
 
     with pytest.raises(ValueError, match="`tools`.*rollout.backend: ours"):
         generate_episodes(NoEpisodes(), [[1]], SamplingParams(), EveryN(2))
+
+
+def test_routing_replay_covers_the_whole_episode(model):
+    """Every fed token's experts, tool tokens and resumed prefills included, as a recompute routes them."""
+    engine = Engine(model, TOK, block_size=4, num_blocks=256, record_routing=True)
+    prompt = TOK.encode("12+34=")
+    outs, _ = generate_episodes(engine, [prompt], SamplingParams(n=2, max_tokens=16, seed=0, ignore_eos=True),
+                                EveryN(4), max_tool_calls=2)
+    for c in outs[0].completions:
+        assert sum(c.tool_mask) > 0
+        ids = prompt + c.token_ids
+        assert c.routed_experts.shape[0] == len(ids) - 1
+        model.record_routing(True)
+        try:
+            with torch.no_grad():
+                model(torch.tensor([ids[:-1]]))
+            recomputed = model.recorded_routing()[0].to(torch.int16)
+        finally:
+            model.record_routing(False)
+        assert torch.equal(recomputed.sort(-1).values, c.routed_experts.sort(-1).values)

@@ -102,3 +102,18 @@ def test_a_python_tool_that_hangs_or_floods_is_killed_or_cut():
 def test_unknown_tool_names_are_refused_with_the_registered_ones():
     with pytest.raises(ValueError, match="registered: python"):
         Toolbox(["pythn"])
+
+
+def test_the_malformed_call_penalty_counts_unreadable_calls_from_the_tool_calls_column():
+    import rewards
+
+    reward = rewards.get("malformed_tool_calls", penalty=-0.5)
+    calls = [[{"malformed": True}, {"malformed": False}, {"malformed": True}], [], None]
+    assert reward(["p"] * 3, ["a", "b", "c"], tool_calls=calls) == [-1.0, 0.0, 0.0]
+
+
+def test_tool_options_reach_the_registered_factory():
+    box = Toolbox(["python"], options={"python": {"syntax": "tags"}})
+    assert box.find_call("<python>print(1)</python>") == ToolCall("python", "print(1)")
+    with pytest.raises(ValueError, match="not among its tools"):
+        Toolbox(["python"], options={"calc": {}})

@@ -52,7 +52,8 @@ class Toolbox(Protocol):
 class EpisodeCompletion(Completion):
     """A completion that may hold tool output. token_ids holds the sampled and the tool tokens in order;
     logprobs is 0.0 at tool tokens. tool_mask[t]: token t is tool output (no loss, no KL on it).
-    tool_calls: per call its name, arguments, output, error and seconds, in order."""
+    tool_calls: per call its name, arguments, output, error, malformed (the call could not be read) and seconds,
+    in order."""
 
     tool_mask: list[bool] = field(default_factory=list)
     tool_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -109,7 +110,8 @@ class EpisodeLoop:
             assert call is not None
             state.pending = None
             state.calls.append({"name": call.name, "arguments": call.arguments, "output": result.output,
-                                "error": result.error, "seconds": result.seconds})
+                                "error": result.error, "malformed": call.error is not None,
+                                "seconds": result.seconds})
             ids = self.tokenizer.encode(self.toolbox.render(call, result), add_special_tokens=False)
             room = seq.params.max_tokens - seq.num_completion_tokens - 1  # keep one sampled token
             if room <= 0:
