@@ -461,7 +461,8 @@ class GRPOTrainer:
             self.rollout_policy, self.tokenizer, dataclasses.replace(self.recipe.rollout, backend="ours"),
             seed=self.recipe.seed)
         return evaluate_policy(self.rollout_policy, self.tokenizer, self.eval_rows, self.recipe.data.template, engine=engine,
-                               max_tokens=self.recipe.sampling.max_completion_length, seed=self.recipe.seed)
+                               max_tokens=self.recipe.sampling.max_completion_length, seed=self.recipe.seed,
+                               toolbox=self.toolbox, max_tool_calls=self.recipe.tools.max_tool_calls)
 
     def save(self) -> Path | None:
         """Rank 0 writes one checkpoint: the whole weights in HF format (the rollout policy holds them, also

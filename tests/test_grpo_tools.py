@@ -138,3 +138,17 @@ def test_a_step_logs_tool_metrics_and_rewards_see_the_episode_and_its_calls(micr
 def test_tools_with_the_vllm_backend_are_refused_naming_the_key(micro_recipe):
     with pytest.raises(RecipeError, match="^tools: .*rollout.backend: ours"):
         load_recipe(micro_recipe(tools={"names": ["python"]}, rollout={"backend": "vllm"}))
+
+
+def test_evaluation_with_tools_reports_the_call_rate_and_grades_the_whole_episode(micro_recipe, tmp_path):
+    from grpo.evaluation import evaluate
+
+    trainer, _ = tool_trainer(micro_recipe, tmp_path)
+    rows = [{"prompt": "12+34", "answer": "46"}, {"prompt": "5+5", "answer": "10"}]
+    result = evaluate(trainer.engine, trainer.tokenizer, rows, template="{prompt}=", max_tokens=16,
+                      toolbox=trainer.toolbox, max_tool_calls=2)
+    assert result.summary["tool_calls_per_sample"] == sum(x["tool_calls"] for x in result.samples) / 2 > 0
+    assert result.summary["tool_call_frequency"] == 1.0 and result.config["max_tool_calls"] == 2
+    assert all("=" in x["completion"] and ";" in x["completion"] for x in result.samples)  # tool output included
+    plain = evaluate(trainer.engine, trainer.tokenizer, rows, template="{prompt}=", max_tokens=16)
+    assert "tool_call_frequency" not in plain.summary
