@@ -123,6 +123,8 @@ def test_a_call_on_the_first_token_copies_the_shared_prompt_block(model):
 
 
 def test_paused_sequences_survive_a_tiny_pool_with_the_same_tokens(model):
+    """A pool too small for every paused sequence: running ones are preempted and paused ones evicted, and
+    all are recomputed to the same tokens."""
     prompts = [TOK.encode("12+34="), TOK.encode("99*9="), TOK.encode("1+2=")]
     sp = SamplingParams(n=3, max_tokens=20, seed=2, ignore_eos=True)
     big, _ = generate_episodes(Engine(model, TOK, block_size=4, num_blocks=256), prompts, sp, EveryN(3))
