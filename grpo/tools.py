@@ -117,6 +117,27 @@ def truncate(text: str, limit: int) -> str:
     return f"{text[:limit]}\n...[{len(text) - limit} more characters]"
 
 
+def split_tool_output(text: str, syntaxes: Sequence[CallSyntax]) -> list[tuple[bool, str]]:
+    """A written episode (an SFT trace) cut into (is_tool_output, text) pieces, each output with its markers, so
+    that the pieces can be tokenized one by one as an episode tokenizes them and the outputs masked."""
+    pieces: list[tuple[bool, str]] = []
+    at = 0
+    while True:
+        found = [(start, syntax) for syntax in syntaxes if (start := text.find(syntax.output_open, at)) >= 0]
+        if not found:
+            break
+        start, syntax = min(found, key=lambda f: f[0])
+        end = text.find(syntax.output_close, start + len(syntax.output_open))
+        end = len(text) if end < 0 else end + len(syntax.output_close)
+        if start > at:
+            pieces.append((False, text[at:start]))
+        pieces.append((True, text[start:end]))
+        at = end
+    if at < len(text):
+        pieces.append((False, text[at:]))
+    return pieces
+
+
 # ----- the toolbox ------------------------------------------------------------------------------------------
 class Toolbox:
     """The episode's tools (a `grpo.rollout.episodes.Toolbox`).

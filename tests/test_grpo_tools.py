@@ -152,3 +152,21 @@ def test_evaluation_with_tools_reports_the_call_rate_and_grades_the_whole_episod
     assert all("=" in x["completion"] and ";" in x["completion"] for x in result.samples)  # tool output included
     plain = evaluate(trainer.engine, trainer.tokenizer, rows, template="{prompt}=", max_tokens=16)
     assert "tool_call_frequency" not in plain.summary
+
+
+def test_sft_traces_tokenize_tool_output_as_episodes_do_and_do_not_train_on_it(micro_recipe):
+    from grpo.sft import SFTTrainer
+
+    recipe = load_recipe(micro_recipe(
+        data={"source": "multiplication", "template": "{prompt}=", "limit": 8, "task_options": {"tool_share": 1.0}},
+        tools={"names": ["python"], "options": {"python": {"syntax": "tags"}}}))
+    sft = SFTTrainer(recipe)
+    tok = sft.tokenizer
+    ids, _, tool = sft.examples[0]
+    output = tok.decode([ids[i] for i in tool])
+    assert output.startswith("<output>") and output.endswith("</output>")
+    assert tool == list(range(tool[0], tool[-1] + 1))
+    batch_ids, mask = sft.batch()
+    for b in range(len(batch_ids)):
+        text = tok.decode(batch_ids[b][mask[b]].tolist())
+        assert "<output>" not in text and "</python>" in text  # the call is trained, its output is not

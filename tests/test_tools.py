@@ -117,3 +117,13 @@ def test_tool_options_reach_the_registered_factory():
     assert box.find_call("<python>print(1)</python>") == ToolCall("python", "print(1)")
     with pytest.raises(ValueError, match="not among its tools"):
         Toolbox(["python"], options={"calc": {}})
+
+
+def test_a_written_episode_splits_into_policy_text_and_tool_outputs():
+    from grpo.tools import PYTHON_FENCE, PYTHON_TAGS, split_tool_output
+
+    text = "<think><python>print(2*3)</python><output>6\n</output>so</think><answer>6</answer>"
+    assert split_tool_output(text, [PYTHON_TAGS, PYTHON_FENCE]) == [
+        (False, "<think><python>print(2*3)</python>"), (True, "<output>6\n</output>"),
+        (False, "so</think><answer>6</answer>")]
+    assert split_tool_output("no call", [PYTHON_TAGS]) == [(False, "no call")]
