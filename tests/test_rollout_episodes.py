@@ -1,5 +1,6 @@
 """Multi-turn tool episodes on our engine: tool output appended as tokens, generation resumed from the cache."""
 
+import devices
 import pytest
 import torch
 
@@ -179,3 +180,27 @@ def test_routing_replay_covers_the_whole_episode(model):
         finally:
             model.record_routing(False)
         assert torch.equal(recomputed.sort(-1).values, c.routed_experts.sort(-1).values)
+
+
+device = devices.device
+
+
+def test_episodes_on_the_device_default_path_match_a_full_recompute(device):
+    """On CUDA the engine's default decode path (CUDA graphs over persistent buffers, the counter sampler);
+    tool tokens resumed from the cache, log-probs equal to a recompute of the whole episode."""
+    model = build_model(preset_config("micro", vocab_size=len(TOK)), seed=1).eval().to(device)
+    engine = Engine(model, TOK, block_size=4, num_blocks=256)
+    prompts = [TOK.encode("12+34="), TOK.encode("9*9=")]
+    outs, _ = generate_episodes(engine, prompts, SamplingParams(n=3, max_tokens=24, seed=0, ignore_eos=True),
+                                EveryN(4), max_tool_calls=3)
+    tool_tokens = sum(sum(c.tool_mask) for o in outs for c in o.completions)
+    resumes = sum(len(c.tool_calls) for o in outs for c in o.completions)
+    assert engine.last_stats["prefill_tokens"] == sum(map(len, prompts)) + tool_tokens + resumes
+    for prompt, out in zip(prompts, outs):
+        for c in out.completions:
+            assert resumes and c.tool_calls
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([prompt + c.token_ids], device=device))[0].float(), -1)
+            for t, token in enumerate(c.token_ids):
+                if not c.tool_mask[t]:
+                    assert abs(lp[len(prompt) + t - 1, token].item() - c.logprobs[t]) < 1e-3
