@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from grpo.rollout import SamplingParams
+from grpo.rollout.block_manager import BlockManager
 from grpo.rollout.engine import Engine
 from grpo.rollout.episodes import ToolCall, ToolResult, generate_episodes
+from grpo.rollout.scheduler import Scheduler
+from grpo.rollout.sequence import Sequence
 from model import build_model
 from model.presets import preset_config
 from model.tokenizer import build_char_tokenizer
@@ -204,3 +207,18 @@ def test_episodes_on_the_device_default_path_match_a_full_recompute(device):
             for t, token in enumerate(c.token_ids):
                 if not c.tool_mask[t]:
                     assert abs(lp[len(prompt) + t - 1, token].item() - c.logprobs[t]) < 1e-3
+
+
+def test_a_running_sequence_that_cannot_grow_takes_a_paused_sequences_blocks():
+    blocks = BlockManager(num_blocks=4, block_size=4)
+    scheduler = Scheduler(blocks, max_num_seqs=8, max_prefill_tokens=64)
+    running, paused = Sequence(list(range(5)), SamplingParams()), Sequence(list(range(12)), SamplingParams())
+    blocks.allocate(running, 4)
+    running.num_cached = 4  # its fifth token needs a new block
+    blocks.allocate(paused, 12)
+    paused.num_cached = 11
+    scheduler.running.append(running)
+    scheduler.resume(paused)  # waiting with its three blocks; the pool is full
+    batch, prefill, _ = scheduler.schedule()
+    assert batch == [running] and not prefill
+    assert paused.block_table == [] and paused.num_cached == 0 and scheduler.num_preemptions == 1

@@ -64,7 +64,7 @@ class Scheduler:
             seats += fan_out
         return batch, copies
 
-    def _evict_waiting(self, keep: Sequence) -> bool:
+    def _evict_waiting(self, keep: Sequence | None) -> bool:
         """Frees the blocks of the last waiting sequence that holds any (other than `keep`); False if none."""
         holder = next((s for s in reversed(self.waiting) if s is not keep and s.block_table), None)
         if holder is None:
@@ -77,6 +77,8 @@ class Scheduler:
     def _prepare_decode(self) -> tuple[list[Sequence], bool, list[tuple[int, int]]]:
         while sum(self.blocks.blocks_to_append(s) for s in self.running) > self.blocks.num_free:
             if len(self.running) == 1:
+                if self._evict_waiting(None):  # paused sequences hold the blocks it needs
+                    continue
                 raise MemoryError(f"{self.running[0]} cannot grow: the pool of {self.blocks.num_blocks} blocks is too small")
             self.preempt(self.running.pop())
         copies = [c for s in self.running if (c := self.blocks.prepare_append(s)) is not None]
