@@ -170,3 +170,18 @@ def test_sft_traces_tokenize_tool_output_as_episodes_do_and_do_not_train_on_it(m
     for b in range(len(batch_ids)):
         text = tok.decode(batch_ids[b][mask[b]].tolist())
         assert "<output>" not in text and "</python>" in text  # the call is trained, its output is not
+
+
+def test_the_r1_report_with_tools_puts_pass_at_1_with_and_without_them_side_by_side():
+    from grpo.pipeline import format_report
+
+    def ev(p, rate=None):
+        return {"pass@1": p, "format": 1.0, "mean_length": 40.0, "tool_call_rate": rate, "example": None}
+
+    report = {"held_out_problems": 8, "eval": {"n": 4, "temperature": 1.0}, "sft_eval": ev(0.5, 0.6),
+              "grpo_eval": ev(0.9, 0.95), "sft_eval_no_tools": ev(0.1), "grpo_eval_no_tools": ev(0.05),
+              "pass@1_tools_over_best_without": 0.8, "tool_call_rate_first_steps": 0.6,
+              "tool_call_rate_last_steps": 0.9, "stages": {"sft": {"seconds": 1.0}}, "total_seconds": 1.0}
+    text = format_report(report)
+    assert "| after SFT | 0.500 | 0.100 | 0.600 |" in text and "| after GRPO | 0.900 | 0.050 | 0.950 |" in text
+    assert "minus the best pass@1 without: +0.800" in text and "0.600 (first steps) -> 0.900" in text
