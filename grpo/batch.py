@@ -26,6 +26,18 @@ class Rollout:
     texts: list[str]
     prompts: list[str]
     routing: list[torch.Tensor | None]  # [P*G] each [prompt + completion - 1, M, K] with routing replay, else None
+    # Tool episodes (grpo.rollout.episodes): per completion, which tokens are tool output (None: none are),
+    # its calls, its failed calls and the seconds its calls ran.
+    tool_masks: list[list[bool] | None] = dataclasses.field(default_factory=list)
+    tool_calls: list[int] = dataclasses.field(default_factory=list)
+    tool_errors: list[int] = dataclasses.field(default_factory=list)
+    tool_seconds: list[float] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        n = len(self.completion_ids)
+        for name, empty in (("tool_masks", None), ("tool_calls", 0), ("tool_errors", 0), ("tool_seconds", 0.0)):
+            if not getattr(self, name):
+                setattr(self, name, [empty] * n)
 
     def select(self, idx: list[int]) -> Rollout:
         """The completions at positions `idx`, in that order."""
@@ -64,7 +76,8 @@ class Rollout:
                     routing_replay: bool = False) -> dict[str, torch.Tensor]:
         """Right-padded sequences and the completion-aligned gather index for the completions `rows`:
         ids [B, L], targets / mask / where / rollout_logprobs [B, T], token_index [N], routing [B, L, M, K].
-        mask_truncated: completions stopped by the length limit count no token."""
+        mask_truncated: completions stopped by the length limit count no token. Tool-output tokens count none
+        (no policy loss, no KL) but stay in ids, where they condition the tokens after them."""
         seqs = [self.prompt_ids[i] + self.completion_ids[i] for i in rows]
         L = max(len(s) for s in seqs)
         T = max(len(self.completion_ids[i]) for i in rows)
@@ -81,6 +94,8 @@ class Rollout:
             ids[b, : p + c] = torch.tensor(seqs[b])
             targets[b, :c] = torch.tensor(self.completion_ids[i])
             mask[b, :c] = True
+            if self.tool_masks[i] is not None:
+                mask[b, :c] &= ~torch.tensor(self.tool_masks[i], dtype=torch.bool)
             where[b] = (p - 1 + torch.arange(T)).clamp(max=L - 1)  # the position that predicts token t
             rollout_lp[b, :c] = torch.tensor(self.rollout_logprobs[i])
             if mask_truncated and self.finish_reasons[i] == "length":
@@ -106,11 +121,15 @@ class RolloutStats:
     truncated: list[bool]  # [n] stopped by max_completion_length
     tokens: int  # the tokens the loss counts (truncated ones masked out when asked)
     stats: dict[str, float]  # dynamic sampling's
+    tool_calls: list[int] = dataclasses.field(default_factory=list)  # [n]
+    tool_errors: list[int] = dataclasses.field(default_factory=list)  # [n]
+    tool_seconds: list[float] = dataclasses.field(default_factory=list)  # [n]
 
     @staticmethod
     def of(ro: Rollout, tokens: int, stats: dict[str, float]) -> RolloutStats:
         return RolloutStats(ro.rewards, ro.per_function, [len(c) for c in ro.completion_ids],
-                            [f == "length" for f in ro.finish_reasons], tokens, stats)
+                            [f == "length" for f in ro.finish_reasons], tokens, stats,
+                            list(ro.tool_calls), list(ro.tool_errors), list(ro.tool_seconds))
 
     @staticmethod
     def concat(parts: list[RolloutStats]) -> RolloutStats:
@@ -120,4 +139,5 @@ class RolloutStats:
         return RolloutStats(torch.cat([p.rewards for p in parts]),
                             {k: [x for p in parts for x in p.per_function[k]] for k in parts[0].per_function},
                             [x for p in parts for x in p.lengths], [x for p in parts for x in p.truncated],
-                            sum(p.tokens for p in parts), {})
+                            sum(p.tokens for p in parts), {}, [x for p in parts for x in p.tool_calls],
+                            [x for p in parts for x in p.tool_errors], [x for p in parts for x in p.tool_seconds])

@@ -60,6 +60,17 @@ def build_rewards(recipe: Recipe, on_error: str | None = None) -> rewards_lib.Re
     return rewards_lib.RewardSet.from_config(reward_entries(recipe), on_error=on_error or recipe.reward_on_error)
 
 
+def build_toolbox(recipe: Recipe):
+    """The recipe's tools (`recipe.tools`) as a `grpo.tools.Toolbox`, or None when it names none."""
+    t = recipe.tools
+    if not t.names:
+        return None
+    from .tools import Toolbox
+
+    return Toolbox(t.names, max_workers=t.max_workers, timeout_s=t.timeout_s, max_output_chars=t.max_output_chars,
+                   options=t.options)
+
+
 # ----- models ---------------------------------------------------------------------------------------------
 def build_policy(recipe: Recipe, tokenizer, device: Device = "cpu") -> CausalLM:
     """The trained model, in float32 whatever `model.dtype` says: these are the master weights that

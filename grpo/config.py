@@ -84,6 +84,18 @@ class RolloutSection:
 
 
 @dataclass
+class ToolsSection:
+    """Multi-turn tool use (grpo/tools.py, grpo/rollout/episodes.py); no names: single-turn completions."""
+
+    names: list[str] = field(default_factory=list)  # registered tools (python) or pkg.mod:fn / path.py:fn functions
+    max_tool_calls: int = 4  # calls run per completion; a further call ends it
+    timeout_s: float = 10.0  # each call's limit
+    max_workers: int = 4  # calls running at once
+    max_output_chars: int = 1024  # a longer result is cut
+    options: dict[str, Any] = field(default_factory=dict)  # per tool name, e.g. {python: {syntax: tags}}
+
+
+@dataclass
 class AlgorithmSection:
     loss_type: Annotated[str, OneOf(POLICY_LOSSES)] = "dapo"  # grpo, bnpo, dr_grpo, dapo, cispo (grpo/losses.py)
     scale_rewards: Annotated[str, OneOf(ADVANTAGE_ESTIMATORS)] = "group"  # group, batch, none (grpo/advantages.py)
@@ -166,6 +178,7 @@ class Recipe:
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy"), RewardSpec("format")])
     sampling: SamplingSection = field(default_factory=SamplingSection)
     rollout: RolloutSection = field(default_factory=RolloutSection)
+    tools: ToolsSection = field(default_factory=ToolsSection)
     algorithm: AlgorithmSection = field(default_factory=AlgorithmSection)
     optim: OptimSection = field(default_factory=OptimSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
@@ -200,6 +213,12 @@ class Recipe:
              "is not supported with parallel: fsdp (the rollout copy of a sharded policy)")
         need(not (self.algorithm.routing_replay and self.rollout.backend == "vllm"), "algorithm.routing_replay",
              "needs rollout.backend: ours (vLLM does not return the experts it routed to)")
+        need(not (self.tools.names and self.rollout.backend == "vllm"), "tools",
+             "multi-turn tool episodes run on rollout.backend: ours (vLLM's backend cannot pause a sequence for a "
+             "tool and resume it from its cache)")
+        need(self.tools.max_tool_calls >= 0, "tools.max_tool_calls", f"must be >= 0, got {self.tools.max_tool_calls}")
+        need(self.tools.timeout_s > 0, "tools.timeout_s", f"must be > 0, got {self.tools.timeout_s}")
+        need(self.tools.max_workers >= 1, "tools.max_workers", f"must be >= 1, got {self.tools.max_workers}")
         need(self.evaluation.n >= 1, "evaluation.n", f"must be >= 1, got {self.evaluation.n}")
         need(self.evaluation.temperature > 0 or self.evaluation.n == 1, "evaluation.n",
              "greedy evaluation (temperature 0) gives one answer per problem: use n: 1")

@@ -187,6 +187,8 @@ def evaluate(
     stop: Sequence[str] = (),
     benchmark: str | None = None,
     use_tqdm: bool = False,
+    toolbox: Any = None,
+    max_tool_calls: int = 4,
 ) -> EvalResult:
     """Sample ``n`` completions per row with ``engine``, grade them, and compute the metrics.
     (Over 60 lines: half of it is this docstring; the body is one pass: render, generate, grade, aggregate.)
@@ -205,6 +207,8 @@ def evaluate(
         breakdown_field: field(s) to break metrics down by; None: ``level``/``subject`` when present.
         benchmark: the benchmark's name, recorded in the config.
         use_tqdm: show the engine's progress bar.
+        toolbox: a `grpo.tools.Toolbox`: sample multi-turn tool episodes (up to ``max_tool_calls`` calls each;
+            our engine only) and add ``tool_calls_per_sample`` and ``tool_call_frequency`` to the summary.
 
     Raises:
         ValueError: bad sampling settings (:func:`check_sampling`), no rows, or a prompt that does not fit.
@@ -223,7 +227,12 @@ def evaluate(
                        seed=None if greedy else seed * 1_000_033 + i)
         for i in range(len(rows))
     ]
-    outputs = engine.generate(prompt_ids, params, use_tqdm=use_tqdm)
+    if toolbox is None:
+        outputs = engine.generate(prompt_ids, params, use_tqdm=use_tqdm)
+    else:
+        from .rollout.episodes import generate_episodes
+
+        outputs, _ = generate_episodes(engine, prompt_ids, params, toolbox, max_tool_calls, use_tqdm=use_tqdm)
     completions = [c for out in outputs for c in out.completions]
     texts = [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
     sample_rows = [rows[i] for i in range(len(rows)) for _ in range(n)]
@@ -238,6 +247,7 @@ def evaluate(
             "gold": rows[i].get("answer"), "correct": grade["correct"], "score": grade["score"],
             "format_ok": grade["format_ok"], "length": len(completion.token_ids),
             "finish_reason": completion.finish_reason,
+            **({"tool_calls": len(getattr(completion, "tool_calls", []))} if toolbox is not None else {}),
             **{f: rows[i][f] for f in fields},
         })
     by_problem = [samples[i * n : (i + 1) * n] for i in range(len(rows))]
@@ -256,7 +266,12 @@ def evaluate(
         "benchmark": benchmark, "template": template, "n": n, "ks": ks, "temperature": temperature, "top_p": top_p,
         "max_tokens": max_tokens, "seed": seed, "grader": g.name, "stop": list(stop),
     }
-    return EvalResult(aggregate(per_problem, n), breakdown, samples, config)
+    summary = aggregate(per_problem, n)
+    if toolbox is not None:
+        config["max_tool_calls"] = max_tool_calls
+        summary["tool_calls_per_sample"] = sum(x["tool_calls"] for x in samples) / len(samples)
+        summary["tool_call_frequency"] = sum(x["tool_calls"] > 0 for x in samples) / len(samples)
+    return EvalResult(summary, breakdown, samples, config)
 
 
 def evaluate_policy(
@@ -274,6 +289,8 @@ def evaluate_policy(
     seed: int = 0,
     grader: str | Grader = "auto",
     stop: Sequence[str] = (),
+    toolbox: Any = None,
+    max_tool_calls: int = 4,
 ) -> dict[str, float]:
     """Evaluate the policy on held-out rows during training and return flat metrics named ``eval/...``
     (``eval/pass@1``, ``eval/mean@n``, ``eval/maj@k``, ``eval/format``, ``eval/mean_length``, ...).
@@ -291,7 +308,7 @@ def evaluate_policy(
     try:
         result = evaluate(engine, tokenizer, rows, template=template, n=n, ks=ks, temperature=temperature,
                           top_p=top_p, max_tokens=max_tokens, seed=seed, grader=grader, breakdown_field=[],
-                          stop=stop)
+                          stop=stop, toolbox=toolbox, max_tool_calls=max_tool_calls)
     finally:
         model.train(was_training)
     return {f"eval/{k}": float(v) for k, v in result.summary.items()}

@@ -12,7 +12,7 @@ from typing import Any
 from model import load_pretrained
 
 from .benchmarks import load_eval_rows
-from .build import build_engine, build_tokenizer
+from .build import build_engine, build_tokenizer, build_toolbox
 from .checkpointing import latest_checkpoint
 from .config import Recipe
 from .estimators import paired_standard_error
@@ -27,10 +27,11 @@ def held_out_rows(recipe: Recipe) -> list[dict[str, Any]]:
     return load_eval_rows(dataclasses.replace(recipe.data, eval_limit=recipe.evaluation.limit), seed=recipe.seed)
 
 
-def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]], tools: bool = True) -> dict[str, Any]:
     """pass@1 (the mean over `evaluation.n` samples at `evaluation.temperature`), format compliance, mean
     length, one correct completion as an example, and each problem's pass@1 (`per_problem_pass@1`, in the
-    order of `rows`, for paired comparisons)."""
+    order of `rows`, for paired comparisons). With the recipe's tools (unless tools=False) the samples are
+    tool episodes, and `tool_call_rate` is the share of samples that call."""
     e = recipe.evaluation
     tokenizer = build_tokenizer(dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=str(model_dir))))
     model = load_pretrained(model_dir).eval()
@@ -38,7 +39,8 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, An
                           checkpoint_dir=model_dir)
     result = evaluate(engine, tokenizer, rows, template=recipe.data.template, n=e.n, ks=[1],
                       temperature=e.temperature, max_tokens=recipe.sampling.max_completion_length, seed=recipe.seed,
-                      breakdown_field=[])
+                      breakdown_field=[], toolbox=build_toolbox(recipe) if tools else None,
+                      max_tool_calls=recipe.tools.max_tool_calls)
     s = result.summary
     per_problem = [0.0] * len(rows)
     for x in result.samples:
@@ -46,7 +48,7 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, An
     example = next((x for x in result.samples if x.get("correct")), result.samples[0] if result.samples else None)
     return {"pass@1": s["pass@1"], "format": s.get("format"), "mean_length": s.get("mean_length"),
             "example": {"prompt": example["prompt"], "completion": example["completion"], "correct": example["correct"]}
-            if example else None, "per_problem_pass@1": per_problem}
+            if example else None, "per_problem_pass@1": per_problem, "tool_call_rate": s.get("tool_call_frequency")}
 
 
 def run_r1(recipe: Recipe) -> dict[str, Any]:
@@ -64,6 +66,8 @@ def run_r1(recipe: Recipe) -> dict[str, Any]:
 
     t = time.perf_counter()
     report["sft_eval"] = evaluate_checkpoint(recipe, sft_model, rows)
+    if recipe.tools.names:  # the same checkpoint without its tools: what the tools add
+        report["sft_eval_no_tools"] = evaluate_checkpoint(recipe, sft_model, rows, tools=False)
     report["stages"]["eval_sft"] = {"seconds": round(time.perf_counter() - t, 1)}
 
     t = time.perf_counter()
@@ -76,6 +80,8 @@ def run_r1(recipe: Recipe) -> dict[str, Any]:
 
     t = time.perf_counter()
     report["grpo_eval"] = evaluate_checkpoint(recipe, final_model, rows)
+    if recipe.tools.names:
+        report["grpo_eval_no_tools"] = evaluate_checkpoint(recipe, final_model, rows, tools=False)
     report["stages"]["eval_grpo"] = {"seconds": round(time.perf_counter() - t, 1)}
     report["total_seconds"] = round(sum(s["seconds"] for s in report["stages"].values()), 1)
     report["pass@1_gain"] = report["grpo_eval"]["pass@1"] - report["sft_eval"]["pass@1"]
@@ -86,6 +92,11 @@ def run_r1(recipe: Recipe) -> dict[str, Any]:
     first, last = history[: max(1, len(history) // 10)], history[-max(1, len(history) // 10):]
     report["reward_first_steps"] = sum(h["reward"] for h in first) / len(first)
     report["reward_last_steps"] = sum(h["reward"] for h in last) / len(last)
+    if recipe.tools.names:
+        report["tool_call_rate_first_steps"] = sum(h["tools/call_frequency"] for h in first) / len(first)
+        report["tool_call_rate_last_steps"] = sum(h["tools/call_frequency"] for h in last) / len(last)
+        best_without = max(report["sft_eval_no_tools"]["pass@1"], report["grpo_eval_no_tools"]["pass@1"])
+        report["pass@1_tools_over_best_without"] = report["grpo_eval"]["pass@1"] - best_without
 
     from .plot import plot_run
 
@@ -106,6 +117,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"| after SFT | {s['pass@1']:.3f} | {s['format']:.3f} | {s['mean_length']:.1f} |",
         f"| after GRPO | {g['pass@1']:.3f} | {g['format']:.3f} | {g['mean_length']:.1f} |",
         "",
+        *(_tools_table(report) if "sft_eval_no_tools" in report else []),
         "| stage | seconds |",
         "|---|---|",
         *[f"| {name} | {v['seconds']:.1f} |" for name, v in report["stages"].items()],
@@ -119,3 +131,19 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", f"An example after GRPO ({verdict}):", "", "```", g["example"]["prompt"] + g["example"]["completion"],
                   "```"]
     return "\n".join(lines) + "\n"
+
+
+def _tools_table(report: dict[str, Any]) -> list[str]:
+    """With tools: pass@1 with and without them for both checkpoints, and the tool-call rate."""
+    rows = [("after SFT", report["sft_eval"], report["sft_eval_no_tools"]),
+            ("after GRPO", report["grpo_eval"], report["grpo_eval_no_tools"])]
+    return [
+        "| checkpoint | pass@1 with tools | pass@1 without tools | tool-call rate |",
+        "|---|---|---|---|",
+        *[f"| {name} | {w['pass@1']:.3f} | {wo['pass@1']:.3f} | {w['tool_call_rate']:.3f} |" for name, w, wo in rows],
+        "",
+        f"GRPO with tools minus the best pass@1 without: {report['pass@1_tools_over_best_without']:+.3f}; "
+        f"tool-call rate in training {report['tool_call_rate_first_steps']:.3f} (first steps) -> "
+        f"{report['tool_call_rate_last_steps']:.3f} (last steps).",
+        "",
+    ]

@@ -1,5 +1,6 @@
 """Cold-start SFT: next-token cross-entropy on completion tokens only (optionally plus the MTP loss), with
-the same model, checkpoint format and logging as GRPO."""
+the same model, checkpoint format and logging as GRPO. With tools, the tool outputs written in a trace are
+tokenized as an episode appends them and are no target."""
 
 from __future__ import annotations
 
@@ -12,11 +13,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .build import adamw, build_policy, build_rows, build_tokenizer, compute_precision, lr_schedule
+from .build import (
+    adamw,
+    build_policy,
+    build_rows,
+    build_tokenizer,
+    build_toolbox,
+    compute_precision,
+    lr_schedule,
+)
 from .config import Recipe, RecipeError
 from .data import check_columns
 from .logs import MetricsLogger
 from .templates import render_prompt
+from .tools import split_tool_output
 
 
 def r1_completion(row: dict[str, Any]) -> str:
@@ -37,6 +47,8 @@ class SFTTrainer:
             check_columns(rows, ["prompt", "reasoning", "answer"], d.source)
         else:
             check_columns(rows, ["prompt", s.completion_column], d.source)
+        toolbox = build_toolbox(recipe)  # with tools, their outputs in the traces are input, not targets
+        self.tool_syntaxes = toolbox.syntaxes if toolbox is not None else []
         self.model = build_policy(recipe, self.tokenizer)
         if recipe.optim.compile:
             self.model.compile_blocks()
@@ -44,23 +56,31 @@ class SFTTrainer:
             raise RecipeError("sft.mtp_weight > 0 needs MTP modules: set model.mtp (from scratch) or a checkpoint with them")
         self.examples = [self._encode(row) for row in rows]
         limit = self.model.config.max_position_embeddings
-        for i, (ids, _) in enumerate(self.examples):
+        for i, (ids, _, _) in enumerate(self.examples):
             if len(ids) > limit:
                 raise RecipeError(f"data: example {i} is {len(ids)} tokens, beyond the model's context of {limit}")
         self.optimizer = adamw(self.model.parameters(), s.lr, recipe.optim.betas, recipe.optim.weight_decay)
         self.lr_schedule = lr_schedule(self.optimizer, s.warmup_steps, s.steps, s.schedule)
         self.generator = torch.Generator().manual_seed(recipe.seed)
 
-    def _encode(self, row: dict[str, Any]) -> tuple[list[int], int]:
-        """-> (prompt + completion + EOS token ids, prompt length)."""
+    def _encode(self, row: dict[str, Any]) -> tuple[list[int], int, list[int]]:
+        """-> (prompt + completion + EOS token ids, prompt length, the positions of tool output). With tools,
+        each tool output in the completion is tokenized on its own, as an episode appends it."""
         s, tok = self.recipe.sft, self.tokenizer
         prompt = render_prompt(row, self.recipe.data.template, tok)
         completion = row[s.completion_column] if s.completion_column in row else r1_completion(row)
         p = tok(prompt, add_special_tokens=False).input_ids
         if tok.bos_token_id is not None and (not p or p[0] != tok.bos_token_id) and self.recipe.data.template != "chat":
             p = [tok.bos_token_id, *p]
-        c = tok(completion, add_special_tokens=False).input_ids + [tok.eos_token_id]
-        return p + c, len(p)
+        c: list[int] = []
+        tool: list[int] = []
+        pieces = split_tool_output(completion, self.tool_syntaxes) if self.tool_syntaxes else [(False, completion)]
+        for is_tool, piece in pieces:
+            ids = tok(piece, add_special_tokens=False).input_ids
+            if is_tool:
+                tool += range(len(p) + len(c), len(p) + len(c) + len(ids))
+            c += ids
+        return p + c + [tok.eos_token_id], len(p), tool
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A random batch: ids [B, L] right-padded, loss mask [B, L] over completion targets."""
@@ -69,9 +89,10 @@ class SFTTrainer:
         ids = torch.zeros(len(pick), L, dtype=torch.long)
         mask = torch.zeros(len(pick), L, dtype=torch.bool)
         for b, i in enumerate(pick):
-            seq, p = self.examples[i]
+            seq, p, tool = self.examples[i]
             ids[b, : len(seq)] = torch.tensor(seq)
-            mask[b, p: len(seq)] = True  # targets: the completion and its EOS
+            mask[b, p: len(seq)] = True  # targets: the completion and its EOS, not the tools' output
+            mask[b, tool] = False
         return ids, mask
 
     def train(self) -> list[dict[str, float]]:

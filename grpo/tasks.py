@@ -1,4 +1,4 @@
-"""Synthetic reasoning tasks (addition, arithmetic, countdown), generated offline and deterministic by seed.
+"""Synthetic reasoning tasks (addition, arithmetic, countdown, multiplication with a tool), generated offline and deterministic by seed.
 
 Each row has ``prompt`` (the question), ``answer`` (the gold answer the ``accuracy`` / ``countdown``
 rewards compare against) and ``reasoning`` (a correct step-by-step trace), so that
@@ -204,11 +204,40 @@ def countdown(count: int = 3, max_number: int = 20, max_target: int = 100, ops: 
     return sample
 
 
+# ----- multiplication with a tool -------------------------------------------------------------------------
+def python_tool_trace(code: str, output: str) -> str:
+    """A call of the python tool in its tag syntax and the output it returns, exactly as an episode renders it
+    (`grpo.tools.PYTHON_TAGS`): ``<python>{code}</python><output>{output}</output>``."""
+    return f"<python>{code}</python><output>{output}</output>"
+
+
+def multiplication(min_digits: int = 3, max_digits: int = 4, tool_share: float = 1.0) -> RowSampler:
+    """Multiply two numbers of ``min_digits``-``max_digits`` digits (``123*4567``): too hard for a tiny model in
+    its head, easy with the python tool. The reasoning of a ``tool_share`` of the rows calls the tool
+    (:func:`python_tool_trace`); the others' is empty (the answer is stated outright)."""
+    _check_int("multiplication", "min_digits", min_digits, 1, 9)
+    _check_int("multiplication", "max_digits", max_digits, min_digits, 9)
+    if not 0 <= tool_share <= 1:
+        raise ValueError(f"task 'multiplication': option tool_share={tool_share!r} must be in [0, 1]")
+
+    def number(rng: random.Random) -> int:
+        digits = rng.randint(min_digits, max_digits)
+        return rng.randint(0 if digits == 1 else 10 ** (digits - 1), 10**digits - 1)
+
+    def sample(rng: random.Random) -> Row:
+        a, b = number(rng), number(rng)
+        trace = python_tool_trace(f"print({a}*{b})", f"{a * b}\n") if rng.random() < tool_share else ""
+        return {"prompt": f"{a}*{b}", "answer": str(a * b), "reasoning": trace}
+
+    return sample
+
+
 # ----- the registry ---------------------------------------------------------------------------------------
 TASKS: dict[str, Callable[..., RowSampler]] = {
     "addition": addition,
     "arithmetic": arithmetic,
     "countdown": countdown,
+    "multiplication": multiplication,
 }
 """Built-in tasks: ``name -> factory(**options)``, the factory returning ``sample(rng) -> row``."""
 

@@ -32,6 +32,7 @@ from .build import (
     build_rollout_engine,
     build_rows,
     build_tokenizer,
+    build_toolbox,
     compute_precision,
 )
 from .checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
@@ -42,6 +43,7 @@ from .logprobs import token_logprobs, token_logprobs_and_entropy
 from .logs import MetricsLogger
 from .losses import policy_loss, truncated_is_weights
 from .rollout import SamplingParams
+from .rollout.episodes import generate_episodes
 from .templates import encode_prompt, render_prompt
 
 
@@ -91,6 +93,8 @@ class GRPOTrainer:
         rows = build_rows(recipe)
         check_columns(rows, ["prompt"], d.source)
         self.rewards = build_rewards(recipe)
+        self.toolbox = build_toolbox(recipe)  # None: single-turn completions
+        self.tool_wall_s = 0.0  # this step's wall time waiting for tools
         self.prompt_text = [render_prompt(row, d.template, self.tokenizer) for row in rows]
         self.prompt_tokens = [self._encode(t) for t in self.prompt_text]
         self.rows = rows
@@ -188,21 +192,33 @@ class GRPOTrainer:
         # A seed per group, from its row and the step: a resumed run samples exactly what the uninterrupted
         # one did, and a group samples the same completions on any rank of any number of ranks.
         params = [self.sampling_params(rollout_seed(self.recipe.seed, self.step, round_, i)) for i in indices]
-        outputs = self.engine.generate([self.prompt_tokens[i] for i in indices], params)
+        prompts_ids = [self.prompt_tokens[i] for i in indices]
+        if self.toolbox is None:
+            outputs = self.engine.generate(prompts_ids, params)
+        else:
+            outputs, tool_stats = generate_episodes(self.engine, prompts_ids, params, self.toolbox,
+                                                    self.recipe.tools.max_tool_calls)
+            self.tool_wall_s += tool_stats["tool_seconds"]
         completions = [c for o in outputs for c in o.completions]
+        calls = [getattr(c, "tool_calls", []) for c in completions]
         texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
         prompts = [self.prompt_text[i] for i in indices for _ in range(G)]
         columns: dict[str, list[Any]] = {}
         for key in self.rows[indices[0]]:
             if key != "prompt":
                 columns[key] = [self.rows[i].get(key) for i in indices for _ in range(G)]
+        if self.toolbox is not None:  # each completion's calls: name, arguments, output, error, seconds
+            columns["tool_calls"] = calls
         scores = self.rewards(prompts, texts, completion_ids=[c.token_ids for c in completions], **columns)
         return Rollout(
             prompt_ids=[self.prompt_tokens[i] for i in indices for _ in range(G)],
             completion_ids=[c.token_ids for c in completions], rollout_logprobs=[c.logprobs for c in completions],
             finish_reasons=[c.finish_reason for c in completions],
             rewards=torch.tensor(scores.total, dtype=torch.float32), per_function=scores.per_function,
-            texts=texts, prompts=prompts, routing=[c.routed_experts for c in completions])
+            texts=texts, prompts=prompts, routing=[c.routed_experts for c in completions],
+            tool_masks=[getattr(c, "tool_mask", None) for c in completions], tool_calls=[len(k) for k in calls],
+            tool_errors=[sum(bool(x["error"]) for x in k) for k in calls],
+            tool_seconds=[sum(x["seconds"] for x in k) for k in calls])
 
     def collect(self) -> tuple[Rollout, dict[str, float]]:
         """This rank's rollouts for this step; with dynamic sampling (DAPO), groups whose rewards are all equal
@@ -262,6 +278,7 @@ class GRPOTrainer:
         """One GRPO step: collect (generate and score), advantages over the global batch, old and reference
         log-probs, the policy update (with the router bias and the weight push), metrics."""
         t0 = time.perf_counter()
+        self.tool_wall_s = 0.0
         ro, stats = self.collect()
         t_rollout = time.perf_counter() - t0
         batch = self.global_batch(ro, stats)
@@ -274,6 +291,8 @@ class GRPOTrainer:
         t_update = time.perf_counter() - t2
         self.step += 1
         times = {"time/rollout_s": t_rollout, "time/ref_old_logprobs_s": t_ref, "time/update_s": t_update}
+        if self.toolbox is not None:
+            times["time/tools_s"] = self.tool_wall_s
         self._last_rollout = ro
         return self.step_metrics(batch, stats, sums, grad_norm, times, t0)
 
@@ -391,6 +410,7 @@ class GRPOTrainer:
             "time/elapsed_s": time.perf_counter() - self.started,
             "tokens_per_s": float(lengths.sum()) / max(time.perf_counter() - t0, 1e-9),
             **stats,
+            **(tool_metrics(everyone) if self.toolbox is not None else {}),
         }
 
     def _update_router_bias(self, speed: float) -> None:
@@ -441,7 +461,8 @@ class GRPOTrainer:
             self.rollout_policy, self.tokenizer, dataclasses.replace(self.recipe.rollout, backend="ours"),
             seed=self.recipe.seed)
         return evaluate_policy(self.rollout_policy, self.tokenizer, self.eval_rows, self.recipe.data.template, engine=engine,
-                               max_tokens=self.recipe.sampling.max_completion_length, seed=self.recipe.seed)
+                               max_tokens=self.recipe.sampling.max_completion_length, seed=self.recipe.seed,
+                               toolbox=self.toolbox, max_tool_calls=self.recipe.tools.max_tool_calls)
 
     def save(self) -> Path | None:
         """Rank 0 writes one checkpoint: the whole weights in HF format (the rollout policy holds them, also
@@ -470,6 +491,18 @@ class GlobalBatch:
     everyone: RolloutStats  # the global batch, all ranks
     shares: list[RolloutStats]  # each rank's part
     advantages: GroupAdvantages  # of the global batch
+
+
+def tool_metrics(everyone: RolloutStats) -> dict[str, float]:
+    """Tool use over the global batch: calls per completion, the share of completions that call, failed calls
+    (errors, timeouts, malformed calls) and the seconds the calls ran, summed."""
+    n = max(len(everyone.tool_calls), 1)
+    calls = sum(everyone.tool_calls)
+    return {"tools/calls_per_completion": calls / n,
+            "tools/call_frequency": sum(c > 0 for c in everyone.tool_calls) / n,
+            "tools/errors": float(sum(everyone.tool_errors)),
+            "tools/failure_frequency": sum(everyone.tool_errors) / max(calls, 1),
+            "tools/call_seconds": float(sum(everyone.tool_seconds))}
 
 
 def _mean(values: list[float | None]) -> float | None:

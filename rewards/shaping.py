@@ -6,6 +6,7 @@
 - ``overlong``: DAPO's soft overlong punishment near and past the length limit.
 - ``repetition``: n-gram repetition penalty.
 - ``language_consistency``: DeepSeek-R1's share of target-language words in the reasoning.
+- ``malformed_tool_calls``: a penalty per tool call that could not be read (the ``tool_calls`` column).
 
 Lengths are token counts when the trainer passes ``completion_ids`` and characters otherwise.
 """
@@ -282,3 +283,19 @@ __all__ = [
     "reasoning_text",
     "repetition_penalty",
 ]
+
+
+@register("malformed_tool_calls")
+def make_malformed_tool_calls_reward(penalty: float = -0.5) -> RewardFn:
+    """Build the penalty for tool calls that could not be read (bad JSON, an unknown tool): ``penalty`` per
+    such call, from the ``tool_calls`` column a tool-using trainer passes (each call a dict with ``malformed``)."""
+    if penalty > 0:
+        raise ValueError(f"penalty must be <= 0, got {penalty}")
+
+    def malformed_tool_calls(
+        prompts: list[Any], completions: list[Any], completion_ids: Any = None, **columns: Any
+    ) -> list[Score]:
+        calls = column(columns, ["tool_calls"], len(completions), "malformed_tool_calls")
+        return [penalty * sum(bool(c.get("malformed")) for c in (cs or [])) for cs in calls]
+
+    return named(malformed_tool_calls, "malformed_tool_calls", make_malformed_tool_calls_reward.__doc__)

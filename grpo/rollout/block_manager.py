@@ -41,6 +41,25 @@ class BlockManager:
             raise MemoryError(f"{need} blocks needed, {self.num_free} free")
         seq.block_table.extend(self._take() for _ in range(max(need, 0)))
 
+    def blocks_to_extend(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks `seq` needs before its tokens up to `num_tokens` can be fed: the new blocks past its table,
+        plus a private copy of the block its first uncached token lands in when another sequence shares it
+        (a sequence resumed after a tool call keeps its blocks; a new one holds none)."""
+        need = self.blocks_for(num_tokens) - len(seq.block_table)
+        index = seq.num_cached // self.block_size
+        shared = index < len(seq.block_table) and self.ref_count[seq.block_table[index]] > 1
+        return max(need, 0) + int(shared)
+
+    def extend(self, seq: Sequence, num_tokens: int) -> tuple[int, int] | None:
+        """`allocate`, after copying the shared block (if any) that its first uncached token is written to.
+        Returns that copy (src, dst) for the runner to make, else None."""
+        copy = None
+        index = seq.num_cached // self.block_size
+        if index < len(seq.block_table) and self.ref_count[seq.block_table[index]] > 1:
+            copy = self.prepare_append(seq)
+        self.allocate(seq, num_tokens)
+        return copy
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """child shares all of parent's blocks."""
         for block in parent.block_table:

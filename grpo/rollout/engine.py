@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence as Seq
+from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -23,6 +24,22 @@ from .sampler import SAMPLERS, sample
 from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence, Status
+
+PAUSE = "pause"
+"""What `EpisodeHooks.on_token` returns to pause a sequence for a tool call."""
+
+
+class EpisodeHooks(Protocol):
+    """What `Engine.generate` asks of a multi-turn episode loop (`grpo.rollout.episodes.EpisodeLoop`)."""
+
+    def on_token(self, seq: Sequence) -> str | None:
+        """After a sampled token that ended nothing: PAUSE (a tool call is complete), a finish reason, or None."""
+        ...
+
+    def resume(self, paused: list[Sequence]) -> list[str | None]:
+        """Runs the paused sequences' calls and appends their output tokens; per sequence, None to go on
+        generating or a finish reason."""
+        ...
 
 
 class Engine:
@@ -84,6 +101,8 @@ class Engine:
 
     #: It generates with the model object it was given, so the trainer's optimizer steps need no push.
     runs_model_in_place = True
+    #: It can pause a sequence for a tool call and resume it from its cache (`generate(episodes=...)`).
+    runs_episodes = True
 
     @property
     def records_routing(self) -> bool:
@@ -104,10 +123,15 @@ class Engine:
 
     # ----- the generate loop ----------------------------------------------------------------------------
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, *, episodes: EpisodeHooks | None = None) -> list[RequestOutput]:
         """prompts: token ids per request; params: one for all or one per request.
         Returns, per request in order, its n completions. (One loop from requests to outputs, kept whole so
-        the data flow reads in one place: schedule, run, sample, append, finish.)"""
+        the data flow reads in one place: schedule, run, sample, append, finish.)
+
+        episodes: multi-turn tool use (`grpo.rollout.episodes`): after each sampled token it may pause the
+        sequence for a tool call; the step's paused sequences are handed back to it together, it appends
+        their tools' output tokens, and they resume from their cached blocks (only the new tokens are
+        prefilled) or finish."""
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
@@ -129,7 +153,7 @@ class Engine:
         outputs = [RequestOutput(list(p), [None] * sp.n) for p, sp in zip(prompts, params_list)]  # type: ignore[list-item]
         total = sum(sp.n for sp in params_list)
         bar = tqdm(total=total, desc="rollout", unit="seq", disable=not use_tqdm)
-        steps = 0
+        steps = prefill_tokens = 0
         while not scheduler.done:
             batch, prefill, copies = scheduler.schedule()
             self.runner.copy_blocks(copies)
@@ -139,8 +163,10 @@ class Engine:
                     batch, [s.params.temperature if s.params.temperature > 0 else 1.0 for s in batch],
                     [s.seed or 0 for s in batch], [s.num_completion_tokens for s in batch],
                     [s.params.greedy for s in batch])
-                self._append(batch, tokens, logprobs, scheduler, outputs, bar)
+                self._append(batch, tokens, logprobs, scheduler, outputs, bar, episodes)
                 continue
+            if prefill:
+                prefill_tokens += sum(s.num_tokens - s.num_cached for s in batch)
             logits = self.runner.forward(batch, prefill)
             rows, seqs = [], []
             for row, seq in enumerate(batch):
@@ -162,23 +188,36 @@ class Engine:
                     rows.append(row)
                     seqs.append(seq)
             tokens, logprobs = self._sample(logits if rows == list(range(len(batch))) else logits[rows], seqs)
-            self._append(seqs, tokens, logprobs, scheduler, outputs, bar)
+            self._append(seqs, tokens, logprobs, scheduler, outputs, bar, episodes)
         bar.close()
         self.last_stats = {"steps": steps, "preemptions": scheduler.num_preemptions,
-                           "blocks_allocated": self.block_manager.blocks_allocated}
+                           "blocks_allocated": self.block_manager.blocks_allocated, "prefill_tokens": prefill_tokens}
         return outputs
 
     # ----- helpers -----------------------------------------------------------------------------------------
     def _append(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float], scheduler: Scheduler,
-                outputs: list[RequestOutput], bar) -> None:
-        """Each sequence takes its new token; the finished ones leave the scheduler for their output slot."""
+                outputs: list[RequestOutput], bar, episodes) -> None:
+        """Each sequence takes its new token; the finished ones leave the scheduler for their output slot, and
+        (episodes) those that completed a tool call pause, get its output appended and resume or finish."""
+        paused: list[Sequence] = []
         for seq, token, logprob in zip(seqs, tokens, logprobs):
             seq.append(token, logprob)
-            reason = self._finish_reason(seq)
-            if reason:
+            reason = self._finish_reason(seq) or (episodes.on_token(seq) if episodes is not None else None)
+            if reason == PAUSE:
+                scheduler.pause(seq)
+                paused.append(seq)
+            elif reason:
                 scheduler.finish(seq, reason)
                 outputs[seq.request_index].completions[seq.sample_index] = self._completion(seq)
                 bar.update(1)
+        if paused:
+            for seq, reason in zip(paused, episodes.resume(paused)):  # type: ignore[union-attr]
+                if reason:
+                    scheduler.finish(seq, reason)
+                    outputs[seq.request_index].completions[seq.sample_index] = self._completion(seq)
+                    bar.update(1)
+                else:
+                    scheduler.resume(seq)
 
     def _samples_on_device(self, batch: list[Sequence]) -> bool:
         """Whether a decode step of `batch` samples inside the decode graph: the counter sampler, the buffered

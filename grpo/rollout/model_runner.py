@@ -134,6 +134,7 @@ class ModelRunner:
             device = self.cache.data.device
             view: CacheView = CacheView(self.cache, self._slots(seqs, positions).to(device),
                                         self._context_slots(seqs, S).to(device))
+            self._stage_key = []  # the staging copy lacks what this prefill writes (e.g. a resumed sequence's)
         else:
             if any(n - c != 1 for n, c in zip(lens, starts)):
                 raise RuntimeError("a decode step feeds exactly one uncached token per sequence")

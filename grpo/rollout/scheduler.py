@@ -1,6 +1,7 @@
 """Decides what runs each step: admit waiting sequences (a prefill) while blocks and batch room last,
 otherwise decode every running sequence; when the pool runs dry, preempt the newest running sequences
-(their blocks freed, recomputed later). Never touches tensors."""
+(their blocks freed, recomputed later). A sequence paused for a tool call leaves the running set with its
+blocks and comes back through the waiting queue: only its new tokens are prefilled. Never touches tensors."""
 
 from __future__ import annotations
 
@@ -27,38 +28,57 @@ class Scheduler:
 
     def schedule(self) -> tuple[list[Sequence], bool, list[tuple[int, int]]]:
         """-> (sequences to run, whether it is a prefill, block copies to make first)."""
-        batch = self._admit()
+        batch, copies = self._admit()
         if batch:
-            return batch, True, []
+            return batch, True, copies
         return self._prepare_decode()
 
-    def _admit(self) -> list[Sequence]:
+    def _admit(self) -> tuple[list[Sequence], list[tuple[int, int]]]:
         batch: list[Sequence] = []
+        copies: list[tuple[int, int]] = []
         seats = len(self.running)
         longest = 0
         while self.waiting:
             seq = self.waiting[0]
             fan_out = max(1, len(seq.fan_out))
-            # The prompt's blocks, plus one per sample for its first own block (copy on write or a new one).
-            need = self.blocks.blocks_for(seq.num_tokens) + fan_out
-            longest = max(longest, seq.num_tokens)
+            # The blocks its uncached tokens need (the prompt's, or a resumed sequence's new ones), plus one
+            # per sample for its first own block (copy on write or a new one).
+            need = self.blocks.blocks_to_extend(seq, seq.num_tokens) + fan_out
+            uncached = seq.num_tokens - seq.num_cached
+            longest = max(longest, uncached)
             too_many = seats + fan_out > self.max_num_seqs
             too_long = batch and longest * (len(batch) + 1) > self.max_prefill_tokens
             if too_many or too_long or need > self.blocks.num_free:
                 if not batch and not self.running and need > self.blocks.num_free:
+                    if self._evict_waiting(seq):  # a paused sequence's blocks, recomputed later
+                        continue
                     raise MemoryError(f"a sequence of {seq.num_tokens} tokens x {fan_out} samples needs {need} "
                                       f"blocks; the pool has {self.blocks.num_free} free of {self.blocks.num_blocks}")
                 break
             self.waiting.popleft()
-            self.blocks.allocate(seq, seq.num_tokens)
+            copy = self.blocks.extend(seq, seq.num_tokens)
+            if copy is not None:
+                copies.append(copy)
             seq.status = Status.RUNNING
             batch.append(seq)
             seats += fan_out
-        return batch
+        return batch, copies
+
+    def _evict_waiting(self, keep: Sequence | None) -> bool:
+        """Frees the blocks of the last waiting sequence that holds any (other than `keep`); False if none."""
+        holder = next((s for s in reversed(self.waiting) if s is not keep and s.block_table), None)
+        if holder is None:
+            return False
+        self.blocks.free(holder)
+        holder.num_cached = 0
+        self.num_preemptions += 1
+        return True
 
     def _prepare_decode(self) -> tuple[list[Sequence], bool, list[tuple[int, int]]]:
         while sum(self.blocks.blocks_to_append(s) for s in self.running) > self.blocks.num_free:
             if len(self.running) == 1:
+                if self._evict_waiting(None):  # paused sequences hold the blocks it needs
+                    continue
                 raise MemoryError(f"{self.running[0]} cannot grow: the pool of {self.blocks.num_blocks} blocks is too small")
             self.preempt(self.running.pop())
         copies = [c for s in self.running if (c := self.blocks.prepare_append(s)) is not None]
@@ -71,6 +91,15 @@ class Scheduler:
         seq.status = Status.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+
+    def pause(self, seq: Sequence) -> None:
+        """Takes `seq` out of the running set while a tool runs; it keeps its blocks and cached tokens."""
+        self.running.remove(seq)
+        seq.status = Status.WAITING
+
+    def resume(self, seq: Sequence) -> None:
+        """`seq` (paused, its tool output appended) waits at the front to have its new tokens prefilled."""
+        self.waiting.appendleft(seq)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason

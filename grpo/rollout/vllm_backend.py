@@ -148,6 +148,8 @@ class VLLMEngine:
 
     records_routing = False
     runs_model_in_place = False
+    #: Multi-turn tool episodes (a recipe's `tools`) need a sequence paused and resumed from its cache: refused.
+    runs_episodes = False
 
     def __init__(self, checkpoint_dir: str | os.PathLike[str], *, dtype: str = "auto",
                  updatable_weights: bool = True, attention_backend: str | None = None,
@@ -211,9 +213,13 @@ class VLLMEngine:
 
     # ----- generation -------------------------------------------------------------------------------------
     def generate(self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
-                 tokenizer: Any = None, use_tqdm: bool = False) -> list[RequestOutput]:
+                 tokenizer: Any = None, use_tqdm: bool = False, episodes: Any = None) -> list[RequestOutput]:
         """prompts: token ids per request; params: one for all or one per request.
-        Returns, per request in order, its n completions with one log-probability per token."""
+        Returns, per request in order, its n completions with one log-probability per token.
+        episodes: refused (multi-turn tool use runs on our engine only)."""
+        if episodes is not None:
+            raise ValueError("VLLMEngine does not run multi-turn tool episodes (the recipe's `tools`); "
+                             "use rollout.backend: ours")
         self._check_open()
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
