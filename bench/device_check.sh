@@ -5,6 +5,7 @@
 #   bash bench/device_check.sh                      # tests + every bench section but the GRPO step
 #   TESTS=0 BENCH_ARGS="--sections rollout" bash bench/device_check.sh
 #   SWEEP=1 bash bench/device_check.sh              # also sweep the Triton kernels' tile sizes (bench/gpu_sweep.py)
+#   GRPO=1 bash bench/device_check.sh               # also one GRPO step, ours vs TRL, on the GPU (bench/grpo_step.py)
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -17,6 +18,20 @@ if [ "${TESTS:-1}" = 1 ]; then
     tests/test_rollout_decode_paths.py tests/test_rollout_sampler.py tests/test_kernels_decode_attention.py \
     tests/test_kernels_lm_head.py tests/test_kernels_moe.py tests/test_kernels_sampling.py} > "$OUT/tests.log" 2>&1
   echo "tests exit $?"; tail -25 "$OUT/tests.log"
+fi
+if [ "${GRPO:-0}" = 1 ]; then
+  # TRL and what it needs are not on a GPU image: carried as wheels in .whl (see the device tool's README),
+  # the peer scripts of ../shared/peers in .peers.
+  if ls .whl/*.whl > /dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=$PYTHONPATH:/tmp/site
+  fi
+  export R1_PEERS=${R1_PEERS:-$PWD/.peers}
+  timeout "${GRPO_TIMEOUT:-150}" $PY bench/grpo_step.py --device cuda ${GRPO_ARGS:---steps 4 --tokens 32 --runners ours,trl} \
+    > "$OUT/grpo_step.log" 2>&1
+  echo "grpo_step exit $?"
+  grep -v '^{' "$OUT/grpo_step.log" | tail -15
+  tail -1 "$OUT/grpo_step.log" | tee "$OUT/grpo_step.json" | cut -c1-400
 fi
 if [ "${SWEEP:-0}" = 1 ]; then
   timeout "${SWEEP_TIMEOUT:-200}" $PY bench/gpu_sweep.py ${SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1

@@ -144,6 +144,22 @@ def top_kernels(fn: Callable[[], object], device: torch.device, n: int = 12) -> 
             for e in rows]
 
 
+def host_profile(fn: Callable[[], object], steps: int, n: int = 12) -> list[dict]:
+    """Where the host's time goes in one call of fn (cProfile, own time per function, ms per decode step):
+    what the engine's Python costs beside the device's work."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # type: ignore[attr-defined]
+    rows = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:n]
+    return [{"function": f"{Path(k[0]).name}:{k[1]}({k[2]})"[:80], "ms_per_step": round(v[2] * 1e3 / max(1, steps), 4),
+             "calls": v[1]} for k, v in rows]
+
+
 # ----- models -------------------------------------------------------------------------------------------------
 def random_model(cfg, device: torch.device, dtype: torch.dtype) -> CausalLM:
     """A randomly initialized model built straight on the device (no host copy of the weights)."""
@@ -315,6 +331,7 @@ def rollout_workload(device: torch.device, cfg, prompts_n: int, n: int, new: int
     steps_half = engine.last_stats["steps"]
     result.update(ours_tokens_per_s=prompts_n * n * new / t_full, ours_seconds=t_full, decode_path=engine.decode_path,
                   sampler=engine.sampler)
+    result["host_top_functions"] = host_profile(lambda: ours(new // 4), steps=new // 4)
     step = (t_full - t_half) / max(1, steps_full - steps_half)
     bw, _ = ceilings(device, tiny)
     batch = prompts_n * n

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PEERS = ROOT.parent / "shared" / "peers"
+PEERS = Path(os.environ.get("R1_PEERS") or ROOT.parent / "shared" / "peers")  # R1_PEERS: a copy elsewhere (a GPU machine)
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 FAIL_ENV = "R1_BENCH_FAIL"  # set in a child by --fail-peer: it raises before doing anything
@@ -43,7 +43,7 @@ def exact(prompts, completions, answer, **kw):
 '''
 
 
-def run_ours(ckpt: str, tokens: int, steps: int, workdir: str, compiled: bool = False) -> dict:
+def run_ours(ckpt: str, tokens: int, steps: int, workdir: str, compiled: bool = False, device: str = "cpu") -> dict:
     from grpo.config import load_recipe
     from grpo.trainer import GRPOTrainer
 
@@ -58,7 +58,8 @@ def run_ours(ckpt: str, tokens: int, steps: int, workdir: str, compiled: bool = 
         f"data.source={rows}", "data.template='{prompt}'", f"rewards=[{{name: '{workdir}/reward.py:exact'}}]",
         "sampling.num_generations=8", f"sampling.max_completion_length={tokens}", "algorithm.beta=0.04",
         "optim.lr=1e-4", "optim.micro_batch_size=32", "logging.save_every=100000", "logging.tensorboard=false",
-        "logging.progress_bar=false", f"rollout.compile={str(compiled).lower()}", f"optim.compile={str(compiled).lower()}"])
+        "logging.progress_bar=false", f"rollout.compile={str(compiled).lower()}", f"optim.compile={str(compiled).lower()}",
+        *([f"device={device}"] if device != "cpu" else [])])
     trainer = GRPOTrainer(recipe)
     history = trainer.train()
     keep = history[1:] or history
@@ -69,7 +70,7 @@ def run_ours(ckpt: str, tokens: int, steps: int, workdir: str, compiled: bool = 
             "mean_completion_length": statistics.median(h["completions/mean_length"] for h in keep)}
 
 
-def run_trl(ckpt: str, tokens: int, steps: int, workdir: str) -> dict:
+def run_trl(ckpt: str, tokens: int, steps: int, workdir: str, device: str = "cpu") -> dict:
     os.environ.setdefault("WANDB_DISABLED", "true")
     import torch
     from datasets import Dataset
@@ -95,7 +96,8 @@ def run_trl(ckpt: str, tokens: int, steps: int, workdir: str) -> dict:
     torch.manual_seed(0)
     cfg = GRPOConfig(output_dir=f"{workdir}/trl", per_device_train_batch_size=32, num_generations=8,
                      max_completion_length=tokens, max_steps=steps, learning_rate=1e-4, beta=0.04, logging_steps=1,
-                     report_to=[], use_cpu=True, bf16=False, save_strategy="no", temperature=1.0, disable_tqdm=True)
+                     report_to=[], use_cpu=device == "cpu", bf16=device != "cpu", save_strategy="no", temperature=1.0,
+                     disable_tqdm=True)  # on a GPU bf16 autocast over float32 weights, as our trainer there
     timer = Timer()
     trainer = GRPOTrainer(model=ckpt, reward_funcs=exact, args=cfg, train_dataset=Dataset.from_list(addition_prompts(256)),
                           processing_class=AutoTokenizer.from_pretrained(ckpt), callbacks=[timer])
@@ -122,6 +124,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="32,128", help="comma-separated completion lengths (default %(default)s)")
     ap.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated, of {', '.join(RUNNERS)}")
     ap.add_argument("--fail-peer", action="append", default=[], choices=["trl"], help="make TRL fail on purpose")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda: where both trainers run (default %(default)s)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -132,9 +135,11 @@ def main() -> None:
             raise RuntimeError(f"{which} made to fail by --fail-peer")
         torch.set_num_threads(args.threads)
         if which == "trl":
-            out = run_trl(ckpt, int(tokens), args.steps, workdir)
+            out = run_trl(ckpt, int(tokens), args.steps, workdir, device=args.device)
         else:
-            out = run_ours(ckpt, int(tokens), args.steps, workdir, compiled=which == "ours-compiled")
+            out = run_ours(ckpt, int(tokens), args.steps, workdir, compiled=which == "ours-compiled", device=args.device)
+        if args.device != "cpu":
+            out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 1e6
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(out))
         return
@@ -178,10 +183,12 @@ def main() -> None:
                 work = Path(tmp, f"{which}-{tokens}")
                 work.mkdir()
                 cmd = [sys.executable, __file__, "--steps", str(args.steps), "--threads", str(args.threads),
+                       "--device", args.device,
                        "--child", which, ckpt, str(tokens), str(work)]
                 fail = {FAIL_ENV: "1"} if which in args.fail_peer else {}
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                      env={**os.environ, "PYTHONPATH": str(ROOT), **fail})
+                                      env={**os.environ, **fail,  # keeps a PYTHONPATH of carried wheels
+                                           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
                 if proc.returncode != 0:
                     failed[which] = failure_reason(proc.stderr)
                     print(f"{which} failed at {tokens} tokens: {failed[which]}", file=sys.stderr, flush=True)
@@ -216,7 +223,8 @@ def main() -> None:
         "ours_peak_rss_mb": get(o, "peak_rss_mb"), "trl_peak_rss_mb": get(t, "peak_rss_mb"),
         "speedup": ratio(t, o), "ours_compiled_s_per_step": get(c, "s_per_step"),
         "ours_compiled_peak_rss_mb": get(c, "peak_rss_mb"), "compiled_speedup": ratio(t, c),
-        "failed": failed, "results": results, "cpu": cpu, "steps": args.steps, "threads": args.threads,
+        "failed": failed, "results": results, "cpu": cpu, "device": args.device, "steps": args.steps,
+        "threads": args.threads,
     }))
 
 
