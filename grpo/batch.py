@@ -72,12 +72,13 @@ class Rollout:
 
         return Rollout(**{f.name: join([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Rollout)})
 
-    def micro_batch(self, rows: list[int], mask_truncated: bool = False,
-                    routing_replay: bool = False) -> dict[str, torch.Tensor]:
+    def micro_batch(self, rows: list[int], mask_truncated: bool = False, routing_replay: bool = False,
+                    device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Right-padded sequences and the completion-aligned gather index for the completions `rows`:
-        ids [B, L], targets / mask / where / rollout_logprobs [B, T], token_index [N], routing [B, L, M, K].
-        mask_truncated: completions stopped by the length limit count no token. Tool-output tokens count none
-        (no policy loss, no KL) but stay in ids, where they condition the tokens after them."""
+        ids [B, L], targets / mask / where / rollout_logprobs [B, T], token_index [N], routing [B, L, M, K],
+        all on `device` (the policy's). mask_truncated: completions stopped by the length limit count no token.
+        Tool-output tokens count none (no policy loss, no KL) but stay in ids, where they condition the tokens
+        after them."""
         seqs = [self.prompt_ids[i] + self.completion_ids[i] for i in rows]
         L = max(len(s) for s in seqs)
         T = max(len(self.completion_ids[i]) for i in rows)
@@ -108,7 +109,9 @@ class Rollout:
             for b, i in enumerate(rows):
                 routing[b, : len(self.routing[i])] = self.routing[i]
             batch["routing"] = routing
-        return batch
+        # Filled row by row on the host from Python lists, then one copy per tensor: filling on a GPU would
+        # be a small host-to-device copy per row.
+        return {k: v.to(device) for k, v in batch.items()}
 
 
 @dataclass

@@ -2,7 +2,7 @@
 reference), the rollout engine, the optimizer and its learning-rate schedule. The trainers, the CLI, the dry
 run, the R1 pipeline and evaluation all build through here, so each piece is made one way.
 
-`device` is where the models live (CPU today; the slot is here so a GPU placement is one argument away)."""
+`resolve_device` turns the recipe's `device` into the torch device this process's models live on."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from model.presets import preset_config
 from model.tokenizer import build_char_tokenizer, load_tokenizer
 from rewards.sandbox_fs import require_strict
 
-from .config import Recipe, RolloutSection
+from .config import Recipe, RecipeError, RolloutSection, check_device
 from .data import load_rows
 from .rollout.protocol import RolloutEngine
 
@@ -71,20 +71,55 @@ def build_toolbox(recipe: Recipe):
                    options=t.options)
 
 
+# ----- the device -------------------------------------------------------------------------------------------
+def resolve_device(spec: str, local_rank: int = 0, world_size: int = 1, key: str = "device") -> torch.device:
+    """The device a recipe's `device` (auto, cpu, cuda, cuda:N) means for this process: auto is CUDA when
+    torch sees a GPU, else the CPU; under torchrun (world_size > 1) CUDA is cuda:LOCAL_RANK, one GPU a rank.
+    `key` names the setting in errors (a recipe key, or a command-line flag).
+
+    Raises:
+        RecipeError: a spelling not allowed; CUDA asked for where torch sees none, or a GPU index it lacks;
+            cuda:N under torchrun, where each rank takes its own GPU."""
+    check_device(spec, key)
+    if spec == "cpu" or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RecipeError(f"{key}: {spec!r}, but torch sees no CUDA device (torch {torch.__version__}, "
+                          f"torch.cuda.is_available() is False); use cpu, or auto (CUDA where there is a GPU)")
+    if ":" in spec and world_size > 1:
+        raise RecipeError(f"{key}: {spec!r} names one GPU, but torchrun started {world_size} processes, each "
+                          f"taking cuda:LOCAL_RANK; use cuda or auto")
+    index = int(spec.split(":")[1]) if ":" in spec else local_rank
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise RecipeError(f"{key}: cuda:{index} is asked for, but torch sees {count} CUDA device(s) "
+                          f"(cuda:0 to cuda:{count - 1})")
+    return torch.device("cuda", index)
+
+
 # ----- models ---------------------------------------------------------------------------------------------
-def build_policy(recipe: Recipe, tokenizer, device: Device = "cpu") -> CausalLM:
-    """The trained model, in float32 whatever `model.dtype` says: these are the master weights that
-    AdamW updates (a bf16 weight would round away an update of lr 1e-6). See `compute_precision`."""
+def build_policy(recipe: Recipe, tokenizer, device: Device | None = None) -> CausalLM:
+    """The trained model on `device` (default: the recipe's, `resolve_device`), in float32 whatever
+    `model.dtype` says: these are the master weights that AdamW updates (a bf16 weight would round away an
+    update of lr 1e-6). See `compute_precision`."""
     m = recipe.model
+    device = resolve_device(recipe.device) if device is None else device
     if m.path:
         return load_pretrained(m.path, dtype=torch.float32, device=device)
     cfg = preset_config(m.preset, vocab_size=len(tokenizer), num_nextn_predict_layers=m.mtp, **m.overrides)
+    # Initialized on the CPU from a CPU generator, then moved: one seed gives the same weights on any device.
     return build_model(cfg, seed=recipe.seed).to(device)
 
 
 def build_reference(policy: CausalLM) -> CausalLM:
-    """A frozen copy of the policy: the KL penalty's reference (algorithm.beta > 0)."""
-    return copy.deepcopy(policy).eval().requires_grad_(False)
+    """A frozen copy of the policy: the KL penalty's reference (algorithm.beta > 0). On CUDA its weights are
+    bfloat16, half the memory of a second float32 model; its buffers (the routing bias, RoPE tables) stay
+    float32 as `load_pretrained` leaves them. On a CPU it stays float32, as it always was."""
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if policy.lm_head.weight.device.type == "cuda":
+        for p in reference.parameters():  # not .to(bfloat16), which would round the float32 routing bias
+            p.data = p.data.to(torch.bfloat16)
+    return reference
 
 
 def compute_precision(recipe: Recipe, model: CausalLM):

@@ -24,12 +24,17 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_initialized():  # the current GPU's generator only: reading all would wake every GPU
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def save_checkpoint(output_dir: str | Path, step: int, model, tokenizer, state: dict[str, Any], keep_last: int) -> Path:
@@ -70,7 +75,9 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / STATE_FILE, weights_only=False)
+    """The trainer state, its tensors on the CPU whatever device wrote them (a run saved on a GPU resumes on a
+    CPU too); the optimizer and the models move what they load onto their own device."""
+    return torch.load(checkpoint / STATE_FILE, weights_only=False, map_location="cpu")
 
 
 def cut_log(path: str | Path, step: int) -> None:

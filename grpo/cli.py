@@ -46,6 +46,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """GRPO training from a recipe; under torchrun, one data-parallel rank of it."""
     from . import distributed
+    from .build import resolve_device
     from .checkpointing import latest_checkpoint
     from .config import load_recipe
     from .trainer import GRPOTrainer
@@ -59,7 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {recipe.output_dir} already holds checkpoints: pass --resume to continue, or choose "
               f"another output_dir (output_dir=...)", file=sys.stderr)
         return 2
-    world = distributed.init_from_env()
+    world = distributed.world_from_env()
+    device = resolve_device(recipe.device, world.local_rank, world.world_size)  # cuda:LOCAL_RANK on GPUs
+    distributed.init_from_env(device)
     resume = args.resume
     if resume and latest_checkpoint(recipe.output_dir) is None:
         # A job requeued with --resume that died before its first checkpoint: nothing to lose, start over.
@@ -68,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"starting from scratch", file=sys.stderr)
         resume = False
     try:
-        trainer = GRPOTrainer(recipe, resume=resume, world_rank=world.rank, world_size=world.world_size)
+        trainer = GRPOTrainer(recipe, resume=resume, world_rank=world.rank, world_size=world.world_size,
+                              device=device)
         history = trainer.train()
     finally:
         distributed.shutdown()
@@ -126,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from model import load_pretrained
     from model.tokenizer import build_char_tokenizer, load_tokenizer
 
-    from .build import build_engine
+    from .build import build_engine, resolve_device
     from .config import RolloutSection
     from .evaluation import (
         benchmark_name,
@@ -152,7 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"--tokenizer char for the built-in character tokenizer", file=sys.stderr)
         return 2
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = load_pretrained(model_dir, dtype=dtype, device=args.device, mtp=False).eval()
+    device = resolve_device(args.device, key="--device")
+    model = load_pretrained(model_dir, dtype=dtype, device=device, mtp=False).eval()
     engine = build_engine(model, tokenizer, RolloutSection(cache_memory_mb=args.cache_mb), seed=args.seed)
     result = evaluate(engine, tokenizer, rows, template=args.template, n=args.n, ks=ks,
                       temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
@@ -191,11 +196,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from model import load_pretrained
     from model.tokenizer import load_tokenizer
 
-    from .build import build_engine
+    from .build import build_engine, resolve_device
     from .rollout import SamplingParams
     from .templates import encode_prompt, render_prompt
 
-    model = load_pretrained(args.model).eval()
+    model = load_pretrained(args.model, device=resolve_device(args.device, key="--device")).eval()
     tok = load_tokenizer(args.tokenizer or args.model)
     engine = build_engine(model, tok, seed=args.seed)
     prompts = [render_prompt({"prompt": p}, args.template, tok) for p in args.prompt]
@@ -268,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the checkpoint's), or 'char'")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--device", default="cpu", help="torch device for the model and the engine's KV cache")
+    p.add_argument("--device", default="auto",
+                   help="where the model and the engine's KV cache live: auto (CUDA when torch sees a GPU, else "
+                        "cpu), cpu, cuda, cuda:N")
     p.add_argument("--cache-mb", type=int, default=256, help="KV cache memory of the engine, MiB")
     p.add_argument("--progress", action="store_true", help="show a progress bar while generating")
     p.set_defaults(func=cmd_eval)
@@ -287,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when torch sees a GPU, else cpu), cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("info", help="describe a checkpoint")
     p.add_argument("checkpoint")

@@ -4,6 +4,7 @@ An unknown key or a bad value stops before any work, with a message naming it an
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -19,6 +20,17 @@ from .losses import POLICY_LOSSES, ImportanceSamplingLevel, KLEstimator
 
 class RecipeError(ValueError):
     """A recipe key or value that is not allowed."""
+
+
+DEVICE_SPELLING = re.compile(r"auto|cpu|cuda(:\d+)?")
+DEVICES_ALLOWED = "'auto' (CUDA when torch sees a GPU, else cpu), 'cpu', 'cuda', 'cuda:N' (N a GPU index)"
+
+
+def check_device(spec: str, key: str = "device") -> None:
+    """Refuses a device spelling other than auto, cpu, cuda, cuda:N; whether the machine has it is checked
+    where the recipe is built (`grpo.build.resolve_device`), so a GPU recipe can be dry-run on a laptop."""
+    if not isinstance(spec, str) or not DEVICE_SPELLING.fullmatch(spec):
+        raise RecipeError(f"{key}: {spec!r} is not allowed; allowed: {DEVICES_ALLOWED}")
 
 
 @dataclass(frozen=True)
@@ -173,6 +185,9 @@ class Recipe:
     seed: int = 0
     prompts_per_step: int = 8  # the GLOBAL batch: split over the ranks of a torchrun job
     parallel: Literal["ddp", "fsdp"] = "ddp"  # how several ranks train: replicas (DDP) or shards (FSDP2)
+    # Where the models train, sample and are evaluated: auto, cpu, cuda or cuda:N (auto: CUDA when torch sees
+    # a GPU). Under torchrun each rank takes cuda:LOCAL_RANK (`grpo.build.resolve_device`).
+    device: str = "auto"
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("accuracy"), RewardSpec("format")])
@@ -194,6 +209,7 @@ class Recipe:
             if not ok:
                 raise RecipeError(f"{key}: {msg}")
 
+        check_device(self.device)
         need(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         need(self.prompts_per_step >= 1, "prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
         need((self.model.path is None) != (self.model.preset is None), "model",

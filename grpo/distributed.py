@@ -30,21 +30,29 @@ class World:
     local_rank: int = 0
 
 
-def backend() -> str:
-    """gloo for CPU tensors; with CUDA, NCCL for CUDA tensors and gloo still for CPU ones (the trainer's
-    model may live on either), each collective picking by its tensors' device."""
-    return "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+def backend(device: torch.device | str = "cpu") -> str:
+    """gloo when the models live on the CPU; on CUDA, NCCL for the CUDA tensors (gradients, the routers'
+    expert loads) and gloo still for the few CPU ones (counts, metrics, pickled objects), each collective
+    picking by its tensors' device."""
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
-def init_from_env() -> World:
-    """Joins the process group torchrun describes in the environment; one process (no WORLD_SIZE, or 1)
-    starts none. Rendezvous (MASTER_ADDR/PORT, or torchrun's c10d store across nodes) comes from the env."""
-    world = World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                  int(os.environ.get("LOCAL_RANK", 0)))
+def world_from_env() -> World:
+    """This process's place as torchrun describes it (RANK, WORLD_SIZE, LOCAL_RANK); one process without it."""
+    return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                 int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_from_env(device: torch.device | str = "cpu") -> World:
+    """Joins the process group torchrun describes in the environment, with the backend for `device` (this
+    rank's, `grpo.build.resolve_device`: cuda:LOCAL_RANK on GPUs); one process (no WORLD_SIZE, or 1) starts
+    none. Rendezvous (MASTER_ADDR/PORT, or torchrun's c10d store across nodes) comes from the env."""
+    world = world_from_env()
     if world.world_size > 1 and not is_distributed():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(world.local_rank)
-        dist.init_process_group(backend())
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL's communicator and the default CUDA device: this rank's GPU
+        dist.init_process_group(backend(device))
     return world
 
 

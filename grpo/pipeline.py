@@ -9,10 +9,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from model import load_pretrained
 
 from .benchmarks import load_eval_rows
-from .build import build_engine, build_tokenizer, build_toolbox
+from .build import build_engine, build_tokenizer, build_toolbox, resolve_device
 from .checkpointing import latest_checkpoint
 from .config import Recipe
 from .estimators import paired_standard_error
@@ -27,14 +29,17 @@ def held_out_rows(recipe: Recipe) -> list[dict[str, Any]]:
     return load_eval_rows(dataclasses.replace(recipe.data, eval_limit=recipe.evaluation.limit), seed=recipe.seed)
 
 
-def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]], tools: bool = True) -> dict[str, Any]:
-    """pass@1 (the mean over `evaluation.n` samples at `evaluation.temperature`), format compliance, mean
-    length, one correct completion as an example, and each problem's pass@1 (`per_problem_pass@1`, in the
-    order of `rows`, for paired comparisons). With the recipe's tools (unless tools=False) the samples are
-    tool episodes, and `tool_call_rate` is the share of samples that call."""
+def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, Any]], tools: bool = True,
+                        device: torch.device | None = None) -> dict[str, Any]:
+    """The checkpoint, loaded onto `device` (default: the recipe's, `resolve_device`), scored: pass@1 (the
+    mean over `evaluation.n` samples at `evaluation.temperature`), format compliance, mean length, one
+    correct completion as an example, and each problem's pass@1 (`per_problem_pass@1`, in the order of
+    `rows`, for paired comparisons). With the recipe's tools (unless tools=False) the samples are tool
+    episodes, and `tool_call_rate` is the share of samples that call."""
     e = recipe.evaluation
     tokenizer = build_tokenizer(dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=str(model_dir))))
-    model = load_pretrained(model_dir).eval()
+    device = resolve_device(recipe.device) if device is None else device
+    model = load_pretrained(model_dir, device=device).eval()
     engine = build_engine(model, tokenizer, recipe.rollout, seed=recipe.seed, dtype=recipe.model.dtype,
                           checkpoint_dir=model_dir)
     result = evaluate(engine, tokenizer, rows, template=recipe.data.template, n=e.n, ks=[1],
@@ -54,34 +59,35 @@ def evaluate_checkpoint(recipe: Recipe, model_dir: Path, rows: list[dict[str, An
 def run_r1(recipe: Recipe) -> dict[str, Any]:
     """SFT -> evaluate -> GRPO -> evaluate; returns (and writes) the report."""
     out = Path(recipe.output_dir)
+    device = resolve_device(recipe.device)  # before any work: a recipe asking for a missing GPU stops here
     rows = held_out_rows(recipe)
-    report: dict[str, Any] = {"recipe": recipe.output_dir, "held_out_problems": len(rows),
+    report: dict[str, Any] = {"recipe": recipe.output_dir, "device": str(device), "held_out_problems": len(rows),
                               "eval": dataclasses.asdict(recipe.evaluation), "stages": {}}
 
     t = time.perf_counter()
-    sft = SFTTrainer(recipe)
+    sft = SFTTrainer(recipe, device)
     sft.train()
     report["stages"]["sft"] = {"seconds": round(time.perf_counter() - t, 1), "steps": recipe.sft.steps}
     sft_model = sft.out / "model"
 
     t = time.perf_counter()
-    report["sft_eval"] = evaluate_checkpoint(recipe, sft_model, rows)
+    report["sft_eval"] = evaluate_checkpoint(recipe, sft_model, rows, device=device)
     if recipe.tools.names:  # the same checkpoint without its tools: what the tools add
-        report["sft_eval_no_tools"] = evaluate_checkpoint(recipe, sft_model, rows, tools=False)
+        report["sft_eval_no_tools"] = evaluate_checkpoint(recipe, sft_model, rows, tools=False, device=device)
     report["stages"]["eval_sft"] = {"seconds": round(time.perf_counter() - t, 1)}
 
     t = time.perf_counter()
     grpo_recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, path=str(sft_model), preset=None,
                                                                         tokenizer=None))
-    trainer = GRPOTrainer(grpo_recipe)
+    trainer = GRPOTrainer(grpo_recipe, device=device)
     history = trainer.train()
     report["stages"]["grpo"] = {"seconds": round(time.perf_counter() - t, 1), "steps": recipe.max_steps}
     final_model = latest_checkpoint(out) / "model"  # train() saves the last step
 
     t = time.perf_counter()
-    report["grpo_eval"] = evaluate_checkpoint(recipe, final_model, rows)
+    report["grpo_eval"] = evaluate_checkpoint(recipe, final_model, rows, device=device)
     if recipe.tools.names:
-        report["grpo_eval_no_tools"] = evaluate_checkpoint(recipe, final_model, rows, tools=False)
+        report["grpo_eval_no_tools"] = evaluate_checkpoint(recipe, final_model, rows, tools=False, device=device)
     report["stages"]["eval_grpo"] = {"seconds": round(time.perf_counter() - t, 1)}
     report["total_seconds"] = round(sum(s["seconds"] for s in report["stages"].values()), 1)
     report["pass@1_gain"] = report["grpo_eval"]["pass@1"] - report["sft_eval"]["pass@1"]

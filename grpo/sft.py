@@ -21,6 +21,7 @@ from .build import (
     build_toolbox,
     compute_precision,
     lr_schedule,
+    resolve_device,
 )
 from .config import Recipe, RecipeError
 from .data import check_columns
@@ -35,8 +36,11 @@ def r1_completion(row: dict[str, Any]) -> str:
 
 
 class SFTTrainer:
-    def __init__(self, recipe: Recipe):
+    """device: where the model trains; default the recipe's `device` (`resolve_device`)."""
+
+    def __init__(self, recipe: Recipe, device: torch.device | None = None):
         self.recipe = recipe
+        self.device = resolve_device(recipe.device) if device is None else device
         s = recipe.sft
         torch.manual_seed(recipe.seed)
         self.out = Path(s.output_dir or Path(recipe.output_dir) / "sft")
@@ -49,7 +53,7 @@ class SFTTrainer:
             check_columns(rows, ["prompt", s.completion_column], d.source)
         toolbox = build_toolbox(recipe)  # with tools, their outputs in the traces are input, not targets
         self.tool_syntaxes = toolbox.syntaxes if toolbox is not None else []
-        self.model = build_policy(recipe, self.tokenizer)
+        self.model = build_policy(recipe, self.tokenizer, self.device)
         if recipe.optim.compile:
             self.model.compile_blocks()
         if s.mtp_weight > 0 and not len(self.model.mtp):
@@ -83,7 +87,9 @@ class SFTTrainer:
         return p + c + [tok.eos_token_id], len(p), tool
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random batch: ids [B, L] right-padded, loss mask [B, L] over completion targets."""
+        """A random batch on the model's device: ids [B, L] right-padded, loss mask [B, L] over completion
+        targets. Drawn by a CPU generator and filled on the host (one copy each to the device), so a seed
+        picks the same examples on any device."""
         pick = torch.randint(len(self.examples), (self.recipe.sft.batch_size,), generator=self.generator).tolist()
         L = max(len(self.examples[i][0]) for i in pick)
         ids = torch.zeros(len(pick), L, dtype=torch.long)
@@ -93,7 +99,7 @@ class SFTTrainer:
             ids[b, : len(seq)] = torch.tensor(seq)
             mask[b, p: len(seq)] = True  # targets: the completion and its EOS, not the tools' output
             mask[b, tool] = False
-        return ids, mask
+        return ids.to(self.device), mask.to(self.device)
 
     def train(self) -> list[dict[str, float]]:
         s = self.recipe.sft

@@ -34,6 +34,7 @@ from .build import (
     build_tokenizer,
     build_toolbox,
     compute_precision,
+    resolve_device,
 )
 from .checkpointing import latest_checkpoint, load_state, save_checkpoint, set_rng_state
 from .config import Recipe, RecipeError, recipe_to_dict
@@ -82,10 +83,17 @@ class CompletionLogprobs(nn.Module):
 
 # ----- the trainer ------------------------------------------------------------------------------------------
 class GRPOTrainer:
-    def __init__(self, recipe: Recipe, resume: bool = False, world_rank: int = 0, world_size: int = 1):
+    """device: where this rank's models live; default the recipe's `device` as `resolve_device` reads it for
+    this process (cuda:LOCAL_RANK under torchrun), which is what `grpo train` passes."""
+
+    def __init__(self, recipe: Recipe, resume: bool = False, world_rank: int = 0, world_size: int = 1,
+                 device: torch.device | None = None):
         self.started = time.perf_counter()  # time/elapsed_s counts from here: setup included, like a peer's wall time
         self.recipe = recipe
         self.rank, self.world_size = world_rank, world_size
+        if device is None:
+            device = resolve_device(recipe.device, distributed.world_from_env().local_rank, world_size)
+        self.device = device
         self.out = Path(recipe.output_dir)
         torch.manual_seed(recipe.seed)
         self.tokenizer = build_tokenizer(recipe)
@@ -102,7 +110,7 @@ class GRPOTrainer:
         if recipe.logging.eval_steps > 0:
             self.eval_rows = load_eval_rows(d, seed=recipe.seed)
             self.prompt_tokens_eval = [self._encode(render_prompt(r, d.template, self.tokenizer)) for r in self.eval_rows]
-        self.policy = build_policy(recipe, self.tokenizer)
+        self.policy = build_policy(recipe, self.tokenizer, self.device)
         self._check_context()
         self.policy.model.gradient_checkpointing = recipe.optim.gradient_checkpointing
         self.policy.set_moe_balancing(track_load=recipe.algorithm.router_bias_update_speed > 0)
@@ -170,7 +178,7 @@ class GRPOTrainer:
         if ckpt is None:
             raise RecipeError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}")
         dtype = next(self.policy.parameters()).dtype
-        loaded = load_pretrained(ckpt / "model", dtype=dtype)
+        loaded = load_pretrained(ckpt / "model", dtype=dtype, device=self.device)
         self.policy.load_state_dict(loaded.state_dict())
         return load_state(ckpt)
 
@@ -252,15 +260,15 @@ class GRPOTrainer:
     def micro_batches(self, ro: Rollout) -> list[dict[str, torch.Tensor]]:
         """`ro` cut into padded micro-batches of optim.micro_batch_size completions."""
         n, mb, a = len(ro.completion_ids), self.recipe.optim.micro_batch_size, self.recipe.algorithm
-        return [ro.micro_batch(list(range(s, min(s + mb, n))), a.mask_truncated_completions, a.routing_replay)
-                for s in range(0, n, mb)]
+        return [ro.micro_batch(list(range(s, min(s + mb, n))), a.mask_truncated_completions, a.routing_replay,
+                               self.device) for s in range(0, n, mb)]
 
     def _empty_batch(self, ro: Rollout) -> dict[str, torch.Tensor]:
         """A one-row micro-batch that counts no token: no loss, zero gradients."""
         a = self.recipe.algorithm
-        b = ro.micro_batch([0], a.mask_truncated_completions, a.routing_replay)
+        b = ro.micro_batch([0], a.mask_truncated_completions, a.routing_replay, self.device)
         b["mask"].zero_()
-        b["advantages"] = torch.zeros(1)
+        b["advantages"] = torch.zeros(1, device=self.device)
         return b
 
     def completion_logprobs(self, model: nn.Module, batch: dict[str, torch.Tensor], entropy: bool = False,
@@ -308,7 +316,9 @@ class GRPOTrainer:
         everyone = RolloutStats.concat(shares)
         offset = sum(len(x.lengths) for x in shares[: self.rank])
         adv = group_advantages(everyone.rewards, G, scale_rewards=self.recipe.algorithm.scale_rewards)
-        advantages = adv.advantages.view(-1)[offset:offset + n]
+        # The rewards come from Python on the host (and are what the ranks exchange); this rank's advantages
+        # go to the policy's device in one copy.
+        advantages = adv.advantages.view(-1)[offset:offset + n].to(self.device)
         for s, b in zip(range(0, n, mb), batches):
             b["advantages"] = advantages[s:s + len(b["ids"])]
         # DDP and FSDP need as many forward/backward passes on every rank; a rank with fewer groups (dynamic

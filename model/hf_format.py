@@ -96,7 +96,8 @@ def save_pretrained(model: nn.Module, path: str | Path, max_shard_bytes: int = 5
             if size and size + nbytes > max_shard_bytes:
                 shards.append({})
                 size = 0
-            shards[-1][name] = t.detach().contiguous().clone()
+            # A host copy (safetensors writes from host memory): a model on a GPU saves without a GPU copy of a shard.
+            shards[-1][name] = t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
             size += nbytes
         dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         model.config.save(tmp, dtype=dtype)

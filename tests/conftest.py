@@ -22,11 +22,14 @@ def distinct(prompts, completions, completion_ids=None, **kw):
 
 def write_micro_recipe(tmp_path: Path, reward: str = "sevens", **sections: Any) -> Path:
     """tmp_path/recipe.yaml: a micro model on the addition task, the dense reward `reward` (sevens or distinct)
-    from tmp_path/dense_rewards.py, output in tmp_path/run. `sections` replace top-level keys; a dict
+    from tmp_path/dense_rewards.py, output in tmp_path/run, on the CPU. `sections` replace top-level keys; a dict
     updates a section's defaults (e.g. optim={"lr": 1e-3})."""
     (tmp_path / "dense_rewards.py").write_text(DENSE_REWARDS)
     recipe: dict[str, Any] = {
         "output_dir": str(tmp_path / "run"),
+        # The CPU whatever the machine has: the tests tuned on it (sampling, learning, torchrun's 2 ranks on one
+        # host) mean the same on a GPU machine; a test of the GPU path passes device=... (tests/devices.py).
+        "device": "cpu",
         "max_steps": 2,
         "seed": 0,
         "prompts_per_step": 4,

@@ -35,6 +35,7 @@ rewards: [accuracy, {name: format, weight: 0.5}]
     ("model: {preset: micro}", ["optim.nope=1"], "unknown key 'optim.nope'"),
     ("model: {preset: micro}", ["max_steps"], "expected key.sub=value"),
     ("model: {preset: micro}", ["optim.compile=true", "parallel=fsdp"], "optim.compile: is not supported with parallel: fsdp"),
+    ("model: {preset: micro}\ndevice: gpu", [], "device: 'gpu' is not allowed; allowed: 'auto'"),
 ])
 def test_bad_recipes_name_the_key_and_what_is_allowed(tmp_path, text, overrides, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(".", r"\.")):
