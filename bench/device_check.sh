@@ -13,11 +13,12 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=${PY:-python3}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/nvidia-smi.txt"
 $PY -c "import torch, triton, transformers, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/nvidia-smi.txt"
-if [ "${TESTS:-1}" = 1 ]; then
-  timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider -k cuda -rs ${TEST_FILES:-\
-    tests/test_rollout_decode_paths.py tests/test_rollout_sampler.py tests/test_kernels_decode_attention.py \
-    tests/test_kernels_lm_head.py tests/test_kernels_moe.py tests/test_kernels_sampling.py} > "$OUT/tests.log" 2>&1
-  echo "tests exit $?"; tail -25 "$OUT/tests.log"
+if [ "${BENCH:-1}" = 1 ]; then
+  timeout "${BENCH_TIMEOUT:-330}" $PY bench/gpu.py ${BENCH_ARGS:---sections parity,greedy,logprobs,rollout,train,kernels} \
+    > "$OUT/gpu.log" 2>&1
+  echo "bench exit $?"
+  grep -v '^{' "$OUT/gpu.log" | tail -40
+  tail -1 "$OUT/gpu.log" > "$OUT/gpu.json"
 fi
 if [ "${GRPO:-0}" = 1 ]; then
   # TRL and what it needs are not on a GPU image: carried as wheels in .whl (see the device tool's README),
@@ -39,10 +40,9 @@ if [ "${SWEEP:-0}" = 1 ]; then
   tail -1 "$OUT/sweep.log" > "$OUT/sweep.json"
   $PY -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['best'], indent=0))" "$OUT/sweep.json" 2>/dev/null | head -60
 fi
-if [ "${BENCH:-1}" = 1 ]; then
-  timeout "${BENCH_TIMEOUT:-330}" $PY bench/gpu.py ${BENCH_ARGS:---sections parity,greedy,logprobs,rollout,train,kernels} \
-    > "$OUT/gpu.log" 2>&1
-  echo "bench exit $?"
-  grep -v '^{' "$OUT/gpu.log" | tail -40
-  tail -1 "$OUT/gpu.log" > "$OUT/gpu.json"
+if [ "${TESTS:-1}" = 1 ]; then
+  timeout "${TEST_TIMEOUT:-150}" $PY -m pytest -q -p no:cacheprovider -k cuda -rs ${TEST_FILES:-\
+    tests/test_rollout_decode_paths.py tests/test_rollout_sampler.py tests/test_kernels_decode_attention.py \
+    tests/test_kernels_lm_head.py tests/test_kernels_moe.py tests/test_kernels_sampling.py} > "$OUT/tests.log" 2>&1
+  echo "tests exit $?"; tail -25 "$OUT/tests.log"
 fi
