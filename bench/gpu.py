@@ -339,16 +339,17 @@ def rollout_workload(device: torch.device, cfg, prompts_n: int, n: int, new: int
     decode = {"step_s": step, "batch": batch, "floor_bytes": floor_bytes, "copy_bandwidth_gb_s": bw / 1e9,
               "floor_s": floor_bytes / bw, "step_over_floor": step / (floor_bytes / bw)}
     graphs = engine.runner.decode_graphs
-    if graphs is not None and graphs.graphs:  # the captured step alone, without the engine's Python around it
+    if graphs is not None:  # the captured step alone, without the engine's Python around it
         from grpo.rollout.cuda_graphs import padded_size
 
-        size = padded_size(batch)
-        if size in graphs.graphs:
-            replay = graphs.graphs[size][0].replay
-            decode["graph_replay_s"] = timed(replay, device, repeats=20)
+        captured = graphs.captured(batch)
+        if captured is not None:
+            graph, sampled = captured
+            decode["graph_replay_s"] = timed(graph.replay, device, repeats=20)
             decode["graph_replay_over_floor"] = decode["graph_replay_s"] / decode["floor_s"]
+            decode["graph_samples"] = sampled
             decode["graphs_captured"] = graphs.captures
-            decode["eager_step_top_kernels"] = top_kernels(lambda: graphs._step(size), device)
+            decode["eager_step_top_kernels"] = top_kernels(lambda: graphs._step(padded_size(batch), sampled), device)
     result["decode"] = decode
     engine = model = graphs = None  # free the device memory for the peer
     if device.type == "cuda":

@@ -57,6 +57,17 @@ def test_buffered_decode_records_the_same_routing():
         assert torch.equal(a.routed_experts, b.routed_experts)
 
 
+def test_the_graph_a_batch_replays_is_found_by_its_padded_size():
+    runner = ModelRunner(tiny(), 8, 16, decode_path="buffers")
+    graphs = runner.decode_graphs
+    assert graphs.captured(5) is None
+    graphs.graphs[(6, False)] = ("logits graph", None)
+    assert graphs.captured(5) == ("logits graph", False)
+    graphs.graphs[(6, True)] = ("sampling graph", None)
+    assert graphs.captured(6) == ("sampling graph", True)  # the step with its sampler, as the engine runs it
+    assert graphs.captured(7) is None
+
+
 def test_padded_sizes_and_refusals():
     assert [padded_size(b) for b in (1, 5, 13, 128, 129, 1025)] == [1, 6, 16, 128, 192, 1280]
     assert all(padded_size(s) == s for s in LADDER)

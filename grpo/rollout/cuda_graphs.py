@@ -78,6 +78,15 @@ class DecodeGraphs:
             self.model.forget_derived_weights()
             self.key = key
 
+    def captured(self, batch: int) -> tuple[torch.cuda.CUDAGraph, bool] | None:
+        """The graph a decode step of `batch` sequences replays (the one with the sampler where both were
+        captured) and whether it samples; None before one was captured (benchmarks time its replay alone)."""
+        keys = [key for key in self.graphs if key[0] == padded_size(batch)]
+        if not keys:
+            return None
+        key = max(keys)  # (size, True) over (size, False)
+        return self.graphs[key][0], key[1]
+
     def view(self, size: int, width: int | None = None) -> PagedCacheView:
         """The paged view over the buffers' first `size` rows and `width` table columns (all: a graph's shape is
         fixed, and the Triton kernel reads only up to each length; an uncaptured step on a CPU passes the
