@@ -156,8 +156,10 @@ def build_engine(model: CausalLM, tokenizer, rollout: RolloutSection | None = No
                           tokenizer=tokenizer)
     from .rollout.engine import Engine
 
+    on_cuda = model.lm_head.weight.device.type == "cuda"
     return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
-                  max_num_seqs=r.max_num_seqs, seed=seed, record_routing=record_routing, compile=r.compile)
+                  max_num_seqs=r.max_num_seqs, seed=seed, record_routing=record_routing, compile=r.compile,
+                  gpu_memory_utilization=r.gpu_memory_utilization if on_cuda else None)
 
 
 def build_rollout_engine(recipe: Recipe, model: CausalLM, tokenizer, rank: int = 0) -> RolloutEngine:

@@ -88,6 +88,9 @@ class SamplingSection:
 class RolloutSection:
     backend: Literal["ours", "vllm"] = "ours"
     cache_memory_mb: int = 256
+    # On CUDA: size our engine's latent cache as this share of the GPU memory free when it starts (vLLM's option
+    # of that name) instead of cache_memory_mb; elsewhere cache_memory_mb serves.
+    gpu_memory_utilization: float | None = None
     block_size: int = 16
     max_num_seqs: int = 256
     # Our engine: run decode steps through graphs compiled ahead of time (needs a C++ compiler; the first
@@ -219,6 +222,9 @@ class Recipe:
         need(self.sampling.max_completion_length >= 1, "sampling.max_completion_length", "must be >= 1")
         need(self.sampling.temperature > 0, "sampling.temperature", "must be > 0 for GRPO sampling")
         need(0 < self.sampling.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {self.sampling.top_p}")
+        gpu_share = self.rollout.gpu_memory_utilization
+        need(gpu_share is None or 0 < gpu_share < 1, "rollout.gpu_memory_utilization",
+             f"must be in (0, 1) (a share of the free GPU memory) or null, got {gpu_share}")
         need(self.algorithm.epsilon > 0, "algorithm.epsilon", "must be > 0")
         need(self.algorithm.beta >= 0, "algorithm.beta", "must be >= 0")
         need(self.algorithm.num_iterations >= 1, "algorithm.num_iterations", "must be >= 1")
