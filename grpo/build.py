@@ -136,7 +136,8 @@ def build_engine(model: CausalLM, tokenizer, rollout: RolloutSection | None = No
                  checkpoint_dir: str | Path | None = None) -> RolloutEngine:
     """The rollout engine `rollout` (a recipe's `rollout` section; default its defaults) describes.
 
-    ours: our engine, running `model` itself (an optimizer step is seen at the next generate).
+    ours: our engine, running `model` itself, or a copy in `rollout.dtype` refreshed from it (an optimizer step
+        is seen at the next generate).
     vllm: vLLM, started from `checkpoint_dir` when the model is one on disk, else from the model as it is
         now, written to `start_dir`; later weights reach it through `update_weights`. `dtype` is the
         policy's compute dtype (vLLM's own default here is float32, twice the memory of a bf16 model).
@@ -157,9 +158,10 @@ def build_engine(model: CausalLM, tokenizer, rollout: RolloutSection | None = No
     from .rollout.engine import Engine
 
     on_cuda = model.lm_head.weight.device.type == "cuda"
+    decode_dtype = (torch.bfloat16 if on_cuda else None) if r.dtype == "auto" else getattr(torch, r.dtype)
     return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
                   max_num_seqs=r.max_num_seqs, seed=seed, record_routing=record_routing, compile=r.compile,
-                  gpu_memory_utilization=r.gpu_memory_utilization if on_cuda else None)
+                  gpu_memory_utilization=r.gpu_memory_utilization if on_cuda else None, dtype=decode_dtype)
 
 
 def build_rollout_engine(recipe: Recipe, model: CausalLM, tokenizer, rank: int = 0) -> RolloutEngine:

@@ -93,6 +93,9 @@ class RolloutSection:
     gpu_memory_utilization: float | None = None
     block_size: int = 16
     max_num_seqs: int = 256
+    # Our engine's weights for decoding: auto (bfloat16 on CUDA, where it keeps a bf16 copy of a float32
+    # policy refreshed once per step; the policy's own dtype elsewhere), float32 or bfloat16.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     # Our engine: run decode steps through graphs compiled ahead of time (needs a C++ compiler; the first
     # run of a model shape compiles for tens of seconds, then the packages are cached on disk).
     compile: bool = False

@@ -17,6 +17,7 @@ from torch import nn
 from . import kernels
 from .cache import CacheView, PagedCacheView
 from .config import ModelConfig
+from .derived import DerivedWeights
 from .norm import RMSNorm, rms_norm
 from .rope import apply_rope
 
@@ -46,8 +47,8 @@ class MLA(nn.Module):
         self.decode = LatentDecode(self.n_heads, self.nope_dim, self.rope_dim, self.kv_lora_rank, self.softmax_scale,
                                    None if cfg.q_lora_rank is None else self.q_a_layernorm.eps,
                                    self.kv_a_layernorm.eps)
-        self._absorbed: tuple[tuple[int, int], torch.Tensor, torch.Tensor] | None = None
-        self._down: tuple[tuple[int, ...], torch.Tensor, torch.Tensor | None] | None = None
+        self._absorbed = DerivedWeights()  # W_UK [H, dn, r], W_UV [H, dv, r]
+        self._down = DerivedWeights()  # the stacked first projection and its bias
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: CacheView | None = None, absorb: bool = False) -> torch.Tensor:
@@ -95,15 +96,26 @@ class MLA(nn.Module):
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, dn, r] and W_UV [H, dv, r], re-derived only when kv_b_proj's weight changed."""
         w = self.kv_b_proj.weight
-        version = (w.data_ptr(), w._version)
-        if self._absorbed is None or self._absorbed[0] != version:
+
+        def make():
             wkv_b = w.detach().view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-            self._absorbed = (version, wkv_b[:, : self.nope_dim].contiguous(), wkv_b[:, self.nope_dim:].contiguous())
-        return self._absorbed[1], self._absorbed[2]
+            return wkv_b[:, : self.nope_dim].contiguous(), wkv_b[:, self.nope_dim:].contiguous()
+        w_uk, w_uv = self._absorbed.get((w.data_ptr(), w._version), make)
+        return w_uk, w_uv  # type: ignore[return-value]
 
     def forget_derived_weights(self) -> None:
-        """Drop the weights derived from this layer's parameters (see CausalLM.forget_derived_weights)."""
-        self._absorbed = self._down = None
+        """Remake the weights derived from this layer's parameters at their next use, in place (see
+        CausalLM.forget_derived_weights)."""
+        self._absorbed.mark_stale()
+        self._down.mark_stale()
+
+    def refresh_derived_weights(self) -> None:
+        """Remake now, in place, the derived weights made before (what a captured decode graph reads)."""
+        self.forget_derived_weights()
+        if self._absorbed.made:
+            self.absorbed_weights()
+        if self._down.made:
+            self.down_weights()
 
     def down_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The decode step's first projection: query input (q_a_proj, or q_proj without q LoRA) and
@@ -112,11 +124,13 @@ class MLA(nn.Module):
         parts = [first.weight, self.kv_a_proj_with_mqa.weight]
         biases = [first.bias, self.kv_a_proj_with_mqa.bias]
         version = tuple(v for w in parts + biases if w is not None for v in (w.data_ptr(), w._version))
-        if self._down is None or self._down[0] != version:
+
+        def make():
             bias = None if biases[1] is None else torch.cat([
                 biases[0] if biases[0] is not None else biases[1].new_zeros(first.weight.shape[0]), biases[1]]).detach()
-            self._down = (version, torch.cat(parts).detach(), bias)
-        return self._down[1], self._down[2]
+            return torch.cat(parts).detach(), bias
+        w_down, b_down = self._down.get(version, make)
+        return w_down, b_down  # type: ignore[return-value]
 
     def decode_weights(self) -> tuple[tuple[torch.Tensor | None, ...], tuple[torch.Tensor | None, ...]]:
         """The tensors `LatentDecode.query_and_latent` and `LatentDecode.attend` take, in their order (the

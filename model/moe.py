@@ -12,6 +12,7 @@ from torch import nn
 
 from . import kernels
 from .config import ModelConfig
+from .derived import DerivedWeights
 
 
 class MLP(nn.Module):
@@ -23,7 +24,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(dim, inter_dim, bias=False)
         self.down_proj = nn.Linear(inter_dim, dim, bias=False)
 
-        self._derived: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+        self._derived = DerivedWeights()  # gate_up [D, 2I], down [I, D]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D]."""
@@ -33,16 +34,21 @@ class MLP(nn.Module):
         return swiglu(x, *self.decode_weights())
 
     def forget_derived_weights(self) -> None:
-        self._derived = None
+        self._derived.mark_stale()
+
+    def refresh_derived_weights(self) -> None:
+        self._derived.mark_stale()
+        if self._derived.made:
+            self.decode_weights()
 
     def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference copies, laid out [in, out] (MKL multiplies a few rows by a [K, N] matrix up to a quarter
         faster than by a transposed [N, K] one): gate_up [D, 2I] (gate's columns, then up's), down [I, D]."""
         g, u, d = self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
         key = tuple(v for w in (g, u, d) for v in (w.data_ptr(), w._version))
-        if self._derived is None or self._derived[0] != key:
-            self._derived = (key, torch.cat([g, u]).t().contiguous().detach(), d.t().contiguous().detach())
-        return self._derived[1], self._derived[2]
+        gate_up, down = self._derived.get(key, lambda: (torch.cat([g, u]).t().contiguous().detach(),
+                                                         d.t().contiguous().detach()))
+        return gate_up, down  # type: ignore[return-value]
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -223,8 +229,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
         self.small_batch = 16  # up to this many tokens per expert on average, inference uses padded bmm
-        self._derived: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
-        self._packed: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+        self._derived = DerivedWeights()  # `decode_weights`
+        self._packed = DerivedWeights()  # `packed_weights`
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         """x [N, D], weights/expert_ids [N, K] -> sum_k weights[:, k] * expert_{ids[:, k]}(x)  [N, D]."""
@@ -285,9 +291,9 @@ class Experts(nn.Module):
         weights while inference runs; re-derived when the weights change."""
         gu, d = self.gate_up_proj, self.down_proj
         key = (gu.data_ptr(), gu._version, d.data_ptr(), d._version)
-        if self._derived is None or self._derived[0] != key:
-            self._derived = (key, gu.detach().transpose(1, 2).contiguous(), d.detach().transpose(1, 2).contiguous())
-        return self._derived[1], self._derived[2]
+        gate_up, down = self._derived.get(key, lambda: (gu.detach().transpose(1, 2).contiguous(),
+                                                         d.detach().transpose(1, 2).contiguous()))
+        return gate_up, down  # type: ignore[return-value]
 
     def packed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference copies in column panels for `model.native`'s routed experts, each panel contiguous:
@@ -295,18 +301,28 @@ class Experts(nn.Module):
         zeros past I and D. Re-derived when the weights change."""
         gu, d = self.gate_up_proj, self.down_proj
         key = (gu.data_ptr(), gu._version, d.data_ptr(), d._version)
-        if self._packed is None or self._packed[0] != key:
+
+        def make():
             E, I, D = gu.shape[0], gu.shape[1] // 2, gu.shape[2]
             I8, D16 = -(-I // 8), -(-D // 16)
             with torch.no_grad():
                 gate, up = (F.pad(w, (0, 0, 0, I8 * 8 - I)).view(E, I8, 8, D).transpose(2, 3) for w in gu.chunk(2, dim=1))
                 gate_up = torch.cat([gate, up], dim=3).contiguous()  # [E, I8, D, 16]
                 down = F.pad(d, (0, 0, 0, D16 * 16 - D)).view(E, D16, 16, -1).transpose(2, 3).contiguous()
-            self._packed = (key, gate_up, down)
-        return self._packed[1], self._packed[2]
+            return gate_up, down
+        gate_up, down = self._packed.get(key, make)
+        return gate_up, down  # type: ignore[return-value]
 
     def forget_derived_weights(self) -> None:
-        self._derived = self._packed = None
+        self._derived.mark_stale()
+        self._packed.mark_stale()
+
+    def refresh_derived_weights(self) -> None:
+        self.forget_derived_weights()
+        if self._derived.made:
+            self.decode_weights()
+        if self._packed.made:
+            self.packed_weights()
 
     def pads_well(self, counts: list[int]) -> bool:
         """Whether `padded_experts` suits this load (pairs per expert): few tokens per expert, and padding

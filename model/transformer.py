@@ -293,13 +293,20 @@ class CausalLM(nn.Module):
         return self
 
     def forget_derived_weights(self) -> None:
-        """Drop the inference-time weights derived from the parameters (MLA's absorbed and stacked
-        projections, the MLPs' stacked gate and up). They are re-derived on next use. They are also re-derived
-        when a parameter's version counter moves, but not every in-place update moves it: PyTorch's fused
-        AdamW kernel does not. So the rollout engine calls this at the start of every generate."""
+        """Mark stale the inference-time weights derived from the parameters (MLA's absorbed and stacked
+        projections, the MLPs' stacked gate and up): they are remade, in place, on next use. They are also
+        remade when a parameter's version counter moves, but not every in-place update moves it: PyTorch's
+        fused AdamW kernel does not. So the rollout engine calls this at the start of every generate."""
         for m in self.modules():
             if m is not self and hasattr(m, "forget_derived_weights"):
                 m.forget_derived_weights()
+
+    def refresh_derived_weights(self) -> None:
+        """Remake now, in place, every derived weight made before: what a CUDA graph captured over them
+        replays without calling back into Python (`grpo.rollout.cuda_graphs`)."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "refresh_derived_weights"):
+                m.refresh_derived_weights()
 
     # ----- MoE balancing ----------------------------------------------------------------------------
     def moe_layers(self) -> list[MoE]:
@@ -338,6 +345,30 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
+    def inference_copy(self, dtype: torch.dtype) -> CausalLM:
+        """A second model of this config on this device with the weights cast to `dtype` (the routing bias and
+        RoPE tables kept in float32), built on the meta device first so no float32 copy is ever made; the
+        rollout engine decodes with it (`copy_weights_from` refreshes it)."""
+        with torch.device("meta"):
+            twin = CausalLM(self.config)
+        twin = twin.to_empty(device=self.lm_head.weight.device)
+        for p in twin.parameters():
+            p.data = p.data.to(dtype)
+        twin.tie_weights()
+        twin.reset_buffers()
+        return twin.copy_weights_from(self).eval()
+
+    @torch.no_grad()
+    def copy_weights_from(self, source: CausalLM) -> CausalLM:
+        """Every parameter and the routing bias copied in place from `source` (same config), cast to this
+        model's dtypes: tensors keep their addresses, so what holds them (a CUDA graph) reads the new values."""
+        for p, q in zip(self.parameters(), source.parameters()):
+            p.copy_(q)
+        for mine, theirs in zip(self.moe_layers(), source.moe_layers()):
+            if mine.gate.e_score_correction_bias is not None:
+                mine.gate.e_score_correction_bias.copy_(theirs.gate.e_score_correction_bias)
+        return self
+
     def reset_buffers(self) -> None:
         """Recomputes the buffers no checkpoint holds (after building on the meta device) and keeps the
         routing bias in float32 whatever the weights' dtype."""

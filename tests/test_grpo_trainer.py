@@ -37,6 +37,26 @@ def test_periodic_evaluation_is_logged(tmp_path, micro_recipe):
     assert 0.0 <= logged[-1]["eval/pass@1"] <= 1.0
 
 
+def test_rollouts_from_a_bfloat16_copy_of_the_float32_policy(tmp_path, micro_recipe):
+    """rollout.dtype: bfloat16 over a float32 policy: the engine decodes its own bf16 copy, refreshed after every
+    optimizer step (the copy equals the policy, cast, when each step's rollouts start)."""
+    recipe = load_recipe(micro_recipe(**RECIPE), ["max_steps=3", "rollout.dtype=bfloat16"])
+    trainer = GRPOTrainer(recipe)
+    engine = trainer.engine
+    assert engine.decodes_a_copy and engine.model.lm_head.weight.dtype == torch.bfloat16
+    history = trainer.train()
+    assert len(history) == 3 and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    engine.generate([[5, 6]], engine_params())  # the refresh happens at the start of a generate
+    policy = trainer.policy if hasattr(trainer, "policy") else trainer.model
+    assert torch.equal(engine.model.lm_head.weight, policy.lm_head.weight.detach().to(torch.bfloat16))
+
+
+def engine_params():
+    from grpo.rollout import SamplingParams
+
+    return SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+
+
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, micro_recipe):
     path = micro_recipe(**RECIPE)
     straight = load_recipe(path, ["max_steps=4", f"output_dir={tmp_path / 'a'}", "logging.save_every=2"])

@@ -119,3 +119,28 @@ def test_the_cuda_decode_runs_the_triton_kernels(device, monkeypatch):
     assert kernels.select_impl(torch.device("cuda"), torch.bfloat16) == "triton"
     run(tiny(device, torch.bfloat16), "buffers", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert calls["attention"] > 0 and calls["gemm"] > 0
+
+
+def test_a_bfloat16_engine_over_a_float32_model_decodes_a_copy_refreshed_after_each_step():
+    """Engine(dtype=bfloat16) over the trainer's float32 model: its own bf16 copy (routing bias float32),
+    whose greedy tokens follow the model's; an optimizer step reaches it at the next generate, no earlier."""
+    model = tiny()
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    engine = Engine(model, block_size=16, num_blocks=64, dtype=torch.bfloat16)
+    assert engine.decodes_a_copy and engine.model is not model
+    assert engine.model.lm_head.weight.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.float32
+    bias = [m.gate.e_score_correction_bias for m in engine.model.moe_layers()]
+    assert all(b is None or b.dtype == torch.float32 for b in bias)
+    first = [c.token_ids for o in engine.generate(PROMPTS, params) for c in o.completions]
+    cast = tiny(dtype=torch.bfloat16)  # the same weights, cast whole: what the copy must compute
+    cast_tokens = [c.token_ids for c in run(cast, "eager", params)]
+    assert first == cast_tokens
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = model(torch.tensor([PROMPTS[1]]))[..., :5].sum()
+    loss.backward()
+    opt.step()  # moves the float32 weights in place
+    with torch.no_grad():
+        expected = model.lm_head.weight.to(torch.bfloat16)
+    assert not torch.equal(engine.model.lm_head.weight, expected)  # not yet: refreshed at the next generate
+    engine.generate(PROMPTS, params)
+    assert torch.equal(engine.model.lm_head.weight, expected)

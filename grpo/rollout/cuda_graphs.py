@@ -12,9 +12,11 @@ size of a ladder, and each step then copies its inputs into the buffers the grap
 - Graphs are captured lazily, the first time a padded size is met, and all share one memory pool. Where the
   rows sample with the counter sampler and no filters, the sampler is in the graph too (`tokens`), and a
   step's only device -> host copy is its tokens and their log-probs.
-- A graph reads the weights at the addresses they had when it was captured: the weights' key (each
-  parameter's address and version) is checked at every `generate`, and a change (an optimizer step, a new
-  model) drops the graphs and the derived weights, to be captured again on first use.
+- A graph reads the weights at the addresses they had when it was captured. At every `generate` the weights
+  derived from the parameters (MLA's absorbed projections, stacked MLP weights) are remade in place, since an
+  optimizer step may have moved the parameters (fused AdamW leaves no trace in their version counters); if a
+  parameter's address changed (a new model, weights moved), the graphs are dropped and captured again on
+  first use.
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ def padded_size(batch: int) -> int:
 
 
 def weights_key(model: CausalLM) -> tuple[int, ...]:
-    """Each parameter's address and version: changes when the weights move or are stepped in place."""
-    return tuple(v for p in model.parameters() for v in (p.data_ptr(), p._version))
+    """Each parameter's address: changes when the weights move (a new model, `.to()`), not when they are
+    stepped in place."""
+    return tuple(p.data_ptr() for p in model.parameters())
 
 
 class DecodeGraphs:
@@ -70,13 +73,14 @@ class DecodeGraphs:
         self.captures = 0  # graphs captured over this object's life (a test and the bench read it)
 
     def refresh(self) -> None:
-        """Drop the graphs and the derived weights if the weights changed since they were captured."""
+        """Before a generate: the derived weights remade in place from the parameters as they are now, and the
+        graphs dropped if a parameter moved since they were captured."""
         key = weights_key(self.model)
         if key != self.key:
             self.graphs.clear()
             self.pool = None
-            self.model.forget_derived_weights()
             self.key = key
+        self.model.refresh_derived_weights()
 
     def captured(self, batch: int) -> tuple[torch.cuda.CUDAGraph, bool] | None:
         """The graph a decode step of `batch` sequences replays (the one with the sampler where both were

@@ -55,6 +55,11 @@ class Engine:
         (the decode step captured in CUDA graphs), else "eager".
     gpu_memory_utilization: on CUDA, size the cache pool as this fraction of the memory free when the engine
         is made (instead of cache_memory_bytes), as vLLM's option of that name.
+    dtype: the weights' dtype for decoding. None or the model's own: the engine decodes with the model object
+        itself. Another (bfloat16 over a float32 trainer's model): the engine keeps its own copy in that dtype
+        (`CausalLM.inference_copy`, the routing bias kept in float32) and refreshes it in place at the start of
+        a `generate` after the model's weights changed, once per optimizer step rather than a cast in every
+        decode step.
     sampler: where the sampling noise comes from (`grpo.rollout.sampler`): "generator" (a CPU
         `torch.Generator` per sequence) or "counter" (a hash of seed, position and token; no generator
         objects, no host sync). None: "counter" when the model is on CUDA, else "generator", so CPU runs
@@ -64,8 +69,13 @@ class Engine:
     def __init__(self, model: CausalLM, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  cache_memory_bytes: int = 256 * 1024**2, max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
                  seed: int = 0, record_routing: bool = False, compile: bool = False, sampler: str | None = None,
-                 decode_path: str | None = None, gpu_memory_utilization: float | None = None):
+                 decode_path: str | None = None, gpu_memory_utilization: float | None = None,
+                 dtype: torch.dtype | None = None):
         on_cuda = model.lm_head.weight.device.type == "cuda"
+        self.policy = model  # where the weights come from (the trainer's model)
+        self.decodes_a_copy = dtype is not None and dtype != model.lm_head.weight.dtype
+        if self.decodes_a_copy:
+            model = model.inference_copy(dtype)  # type: ignore[arg-type]  (what the engine decodes with)
         if sampler is None:
             sampler = "counter" if on_cuda else "generator"
         self.decode_path = decode_path or ("graphs" if on_cuda else "eager")
@@ -112,10 +122,20 @@ class Engine:
         """Nothing to release: the KV cache is freed with the engine."""
 
     def update_weights(self, model: CausalLM | None = None) -> None:
-        """The engine already runs the trainer's model in place; pass a different model object to swap."""
-        if model is not None and model is not self.model:
+        """The engine already runs the trainer's model in place (or refreshes its copy from it at each
+        `generate`); pass a different model object to swap."""
+        if model is None or model is self.policy:
+            return
+        self.policy = model
+        if not self.decodes_a_copy:  # a copy takes the new model's weights at the next generate
             self.model = self.runner.model = model
             self._compile_if_asked(model)
+
+    def _refresh_copy(self) -> None:
+        """The decoding copy takes the policy's weights (every call: an optimizer step need not leave a trace in
+        the parameters' version counters, and one copy per generate is small beside a rollout)."""
+        if self.decodes_a_copy:
+            self.model.copy_weights_from(self.policy)
 
     def _compile_if_asked(self, model: CausalLM) -> None:
         if self.compile and model.compiled_decode is None:
@@ -141,6 +161,7 @@ class Engine:
             raise ValueError("stop strings need a tokenizer: Engine(model, tokenizer)")
 
         self.block_manager = BlockManager(self.num_blocks, self.block_size)
+        self._refresh_copy()
         self.runner.reset()  # the trainer may have stepped the weights since the last call
         scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_prefill_tokens)
         groups: dict[tuple[int, ...], Sequence] = {}
