@@ -101,8 +101,13 @@ def run_r1(recipe: Recipe) -> dict[str, Any]:
     if recipe.tools.names:
         report["tool_call_rate_first_steps"] = sum(h["tools/call_frequency"] for h in first) / len(first)
         report["tool_call_rate_last_steps"] = sum(h["tools/call_frequency"] for h in last) / len(last)
+        report["tool_call_rate_by_step"] = [round(h["tools/call_frequency"], 4) for h in history]
         best_without = max(report["sft_eval_no_tools"]["pass@1"], report["grpo_eval_no_tools"]["pass@1"])
         report["pass@1_tools_over_best_without"] = report["grpo_eval"]["pass@1"] - best_without
+        if len(rows) >= 2:  # paired over the same problems, against the better of the two runs without tools
+            without = max((report["sft_eval_no_tools"], report["grpo_eval_no_tools"]), key=lambda r: r["pass@1"])
+            report["pass@1_tools_over_best_without_stderr"] = paired_standard_error(
+                report["grpo_eval"]["per_problem_pass@1"], without["per_problem_pass@1"])
 
     from .plot import plot_run
 
@@ -148,8 +153,19 @@ def _tools_table(report: dict[str, Any]) -> list[str]:
         "|---|---|---|---|",
         *[f"| {name} | {w['pass@1']:.3f} | {wo['pass@1']:.3f} | {w['tool_call_rate']:.3f} |" for name, w, wo in rows],
         "",
-        f"GRPO with tools minus the best pass@1 without: {report['pass@1_tools_over_best_without']:+.3f}; "
+        f"GRPO with tools minus the best pass@1 without: {report['pass@1_tools_over_best_without']:+.3f}"
+        + (f" (standard error {report['pass@1_tools_over_best_without_stderr']:.3f}, paired)"
+           if "pass@1_tools_over_best_without_stderr" in report else "") + "; "
         f"tool-call rate in training {report['tool_call_rate_first_steps']:.3f} (first steps) -> "
         f"{report['tool_call_rate_last_steps']:.3f} (last steps).",
+        *_rate_over_steps(report.get("tool_call_rate_by_step", [])),
         "",
     ]
+
+
+def _rate_over_steps(rates: list[float], points: int = 10) -> list[str]:
+    """The tool-call rate of GRPO's rollouts over its steps (at most `points` of them, evenly spaced), one line."""
+    if not rates:
+        return []
+    picks = sorted({round(i * (len(rates) - 1) / max(points - 1, 1)) for i in range(min(points, len(rates)))})
+    return ["Tool-call rate over GRPO steps: " + ", ".join(f"step {i + 1}: {rates[i]:.2f}" for i in picks) + "."]

@@ -1,7 +1,8 @@
 """Training curves: reads a run's ``metrics.jsonl`` (TRL's metric names) and draws one PNG per panel.
 
 Panels (:data:`PANELS`): reward (with each reward function), completion length, truncation, KL, entropy,
-clip ratios, optimization (loss, grad norm, learning rate) and evaluation; a panel with no data is skipped.
+clip ratios, optimization (loss, grad norm, learning rate), evaluation, and tool use (with `tools`: the share of
+completions that call, calls per completion, the share of calls that failed); a panel with no data is skipped.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ PANELS = (
     Panel("clip_ratio", "Clipped ratio share", "share of tokens", lambda k: k.startswith("clip_ratio/")),
     Panel("optimization", "Optimization", "", lambda k: k in ("loss", "grad_norm", "learning_rate"), separate=True),
     Panel("eval", "Evaluation", "", lambda k: k.startswith("eval/"), separate=True),
+    Panel("tools", "Tool use (tool episodes)", "per completion",
+          lambda k: k in ("tools/call_frequency", "tools/calls_per_completion", "tools/failure_frequency")),
 )
 """The panels, each drawn into ``plots/<name>.png`` when any of its metrics was logged."""
 

@@ -47,6 +47,15 @@ def test_plot_run_writes_a_valid_png_per_panel_with_data(tmp_path):
         assert data.startswith(PNG_SIGNATURE) and len(data) > 10_000
 
 
+def test_a_tool_run_gets_a_tool_use_panel(tmp_path):
+    records = [{"step": s, "reward": 0.1 * s, "tools/call_frequency": 0.5 + 0.1 * s, "tools/calls_per_completion": 0.6,
+                "tools/failure_frequency": 0.0, "tools/call_seconds": 0.2} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    paths = plot_run(tmp_path)
+    assert [p.name for p in paths] == ["reward.png", "tools.png"]
+    assert paths[1].read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_panels_without_data_are_skipped(tmp_path):
     (tmp_path / "metrics.jsonl").write_text(
         json.dumps({"step": 1, "reward": 0.1}) + "\n" + json.dumps({"step": 2, "reward": 0.3, "kl": None}) + "\n"

@@ -185,3 +185,15 @@ def test_the_r1_report_with_tools_puts_pass_at_1_with_and_without_them_side_by_s
     text = format_report(report)
     assert "| after SFT | 0.500 | 0.100 | 0.600 |" in text and "| after GRPO | 0.900 | 0.050 | 0.950 |" in text
     assert "minus the best pass@1 without: +0.800" in text and "0.600 (first steps) -> 0.900" in text
+    paired = format_report(report | {"pass@1_tools_over_best_without_stderr": 0.042})
+    assert "minus the best pass@1 without: +0.800 (standard error 0.042, paired); tool-call rate" in paired
+
+
+def test_the_r1_report_with_tools_prints_the_call_rate_over_grpo_steps():
+    from grpo.pipeline import _rate_over_steps
+
+    rates = [i / 39 for i in range(40)]
+    (line,) = _rate_over_steps(rates, points=5)
+    assert line.startswith("Tool-call rate over GRPO steps: step 1: 0.00,") and line.endswith("step 40: 1.00.")
+    assert line.count("step ") == 5
+    assert _rate_over_steps([]) == [] and _rate_over_steps([0.5]) == ["Tool-call rate over GRPO steps: step 1: 0.50."]
