@@ -59,8 +59,12 @@ def test_gpu_bench_on_a_cpu_checks_correctness_and_survives_a_failing_section():
     logprobs = result["sections"]["logprobs"]
     assert logprobs["float32"]["max_abs_diff"] < 1e-4
     assert logprobs["bfloat16"]["max_abs_diff"] < 0.5
-    rollout = result["sections"]["rollout"]
+    rollout = result["sections"]["rollout"]["2x4x8"]  # one workload per key (two on a GPU)
     assert rollout["ours_tokens_per_s"] > 0 and rollout["decode"]["floor_s"] > 0
+    assert rollout["host_top_functions"]  # where the engine's host time goes
+    kernels = result["sections"]["kernels"]  # each kernel against its reference (the reference itself on a CPU)
+    assert kernels["attention_b8"]["rel_error"] < 1e-4 and kernels["routed_experts"]["rel_error"] < 1e-4
+    assert kernels["lm_head"]["rel_error_vs_unfused"]["d_weight"] < 1e-4
     # The section made to fail is null with its reason; the one --tiny leaves out says so; the rest ran.
     assert result["sections"]["train"] is None and "on purpose" in result["failed"]["train"]
     assert result["sections"]["grpo"] is None and "--tiny" in result["failed"]["grpo"]
