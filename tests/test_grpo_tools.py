@@ -104,6 +104,31 @@ def test_trained_tokens_equal_the_engines_tokens_turn_by_turn(micro_recipe, tmp_
         assert ro.texts[j] == trainer.tokenizer.decode(c.token_ids, skip_special_tokens=True)
 
 
+def test_a_conversational_dataset_is_rendered_once_and_later_turns_are_appended_as_tokens(micro_recipe, tmp_path):
+    """Rows whose prompt is a list of messages: the chat template renders the first turn once (the prompt ids
+    the trainer sees are its tokens), every later turn (the tool's output) is appended as tokens, never a
+    re-rendered conversation."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    tok_dir = build_bpe_tokenizer(tmp_path / "tok")
+    conversations = [[{"role": "user", "content": f"{a}+{b}"}, {"role": "assistant", "content": "<think>x</think>ok"},
+                      {"role": "user", "content": f"and {a}*{b}?"}] for a, b in [(12, 34), (5, 66), (7, 8), (40, 2)]]
+    rows = tmp_path / "chats.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": c, "answer": "0"}) for c in conversations))
+    trainer, seen = tool_trainer(micro_recipe, tmp_path, model={"preset": "micro", "tokenizer": str(tok_dir)},
+                                 data={"source": str(rows)})
+    ro = trainer.rollout([0, 1])
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    rendered = {tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations}
+    assert sum(ro.tool_calls) > 0
+    for j, c in enumerate(c for o in seen[0] for c in o.completions):
+        assert tok.decode(ro.prompt_ids[j]) in rendered  # the template's rendering of the conversation, once
+        assert ro.completion_ids[j] == c.token_ids == [t for _, ids in c.turns for t in ids]
+        assert any(kind == "tool" for kind, _ in c.turns) or not c.tool_calls
+
+
 def test_tool_tokens_get_no_gradient_from_the_loss_or_the_kl(micro_recipe, tmp_path):
     trainer, _ = tool_trainer(micro_recipe, tmp_path, algorithm={"beta": 0.1})
     ro = trainer.rollout([0, 1])
