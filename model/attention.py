@@ -111,11 +111,8 @@ class MLA(nn.Module):
 
     def refresh_derived_weights(self) -> None:
         """Remake now, in place, the derived weights made before (what a captured decode graph reads)."""
-        self.forget_derived_weights()
-        if self._absorbed.made:
-            self.absorbed_weights()
-        if self._down.made:
-            self.down_weights()
+        self._absorbed.refresh(self.absorbed_weights)
+        self._down.refresh(self.down_weights)
 
     def down_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The decode step's first projection: query input (q_a_proj, or q_proj without q LoRA) and

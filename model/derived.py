@@ -38,9 +38,11 @@ class DerivedWeights:
         fused AdamW writes the parameters without bumping their version counters)."""
         self.key = None
 
-    @property
-    def made(self) -> bool:
-        return self.tensors is not None
+    def refresh(self, getter: Callable[[], object]) -> None:
+        """Remake now, in place, if made before: `getter` is the module's accessor that calls `get`."""
+        self.mark_stale()
+        if self.tensors is not None:
+            getter()
 
 
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:

@@ -37,9 +37,7 @@ class MLP(nn.Module):
         self._derived.mark_stale()
 
     def refresh_derived_weights(self) -> None:
-        self._derived.mark_stale()
-        if self._derived.made:
-            self.decode_weights()
+        self._derived.refresh(self.decode_weights)
 
     def decode_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference copies, laid out [in, out] (MKL multiplies a few rows by a [K, N] matrix up to a quarter
@@ -318,11 +316,8 @@ class Experts(nn.Module):
         self._packed.mark_stale()
 
     def refresh_derived_weights(self) -> None:
-        self.forget_derived_weights()
-        if self._derived.made:
-            self.decode_weights()
-        if self._packed.made:
-            self.packed_weights()
+        self._derived.refresh(self.decode_weights)
+        self._packed.refresh(self.packed_weights)
 
     def pads_well(self, counts: list[int]) -> bool:
         """Whether `padded_experts` suits this load (pairs per expert): few tokens per expert, and padding

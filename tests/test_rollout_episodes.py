@@ -80,15 +80,21 @@ def test_greedy_episode_equals_a_plain_loop_that_appends_the_tool_text(model):
     assert outs[0].completions[0].token_ids == ids[len(prompt):]
 
 
+def expected_prefill(prompts, outs) -> tuple[int, int]:
+    """(the tokens an episode run must prefill, its resumes): the prompts once each, and per resume its tool
+    tokens and the last sampled token (sampled, not yet fed); nothing already in the cache again."""
+    tool_tokens = sum(sum(c.tool_mask) for o in outs for c in o.completions)
+    resumes = sum(len(c.tool_calls) for o in outs for c in o.completions)
+    return sum(map(len, prompts)) + tool_tokens + resumes, resumes
+
+
 def test_cache_is_reused_across_turns_only_new_tokens_are_prefilled(model):
     engine = Engine(model, TOK, block_size=4, num_blocks=256)
     prompts = [TOK.encode("12+34="), TOK.encode("9*9=")]
     outs, _ = generate_episodes(engine, prompts, SamplingParams(n=2, max_tokens=24, seed=3, ignore_eos=True),
                                 EveryN(3), max_tool_calls=3)
-    tool_tokens = sum(sum(c.tool_mask) for o in outs for c in o.completions)
-    resumes = sum(len(c.tool_calls) for o in outs for c in o.completions)
-    # The prompts once each; per resume its tool tokens and the last sampled token (sampled, not yet fed).
-    assert engine.last_stats["prefill_tokens"] == sum(map(len, prompts)) + tool_tokens + resumes
+    expected, resumes = expected_prefill(prompts, outs)
+    assert engine.last_stats["prefill_tokens"] == expected
     assert resumes == 12
 
 
@@ -196,9 +202,8 @@ def test_episodes_on_the_device_default_path_match_a_full_recompute(device):
     prompts = [TOK.encode("12+34="), TOK.encode("9*9=")]
     outs, _ = generate_episodes(engine, prompts, SamplingParams(n=3, max_tokens=24, seed=0, ignore_eos=True),
                                 EveryN(4), max_tool_calls=3)
-    tool_tokens = sum(sum(c.tool_mask) for o in outs for c in o.completions)
-    resumes = sum(len(c.tool_calls) for o in outs for c in o.completions)
-    assert engine.last_stats["prefill_tokens"] == sum(map(len, prompts)) + tool_tokens + resumes
+    expected, resumes = expected_prefill(prompts, outs)
+    assert engine.last_stats["prefill_tokens"] == expected
     for prompt, out in zip(prompts, outs):
         for c in out.completions:
             assert resumes and c.tool_calls

@@ -58,8 +58,7 @@ class Engine:
     dtype: the weights' dtype for decoding. None or the model's own: the engine decodes with the model object
         itself. Another (bfloat16 over a float32 trainer's model): the engine keeps its own copy in that dtype
         (`CausalLM.inference_copy`, the routing bias kept in float32) and refreshes it in place at the start of
-        a `generate` after the model's weights changed, once per optimizer step rather than a cast in every
-        decode step.
+        every `generate`: once per optimizer step rather than a cast in every decode step.
     sampler: where the sampling noise comes from (`grpo.rollout.sampler`): "generator" (a CPU
         `torch.Generator` per sequence) or "counter" (a hash of seed, position and token; no generator
         objects, no host sync). None: "counter" when the model is on CUDA, else "generator", so CPU runs
@@ -244,7 +243,7 @@ class Engine:
         """Whether a decode step of `batch` samples inside the decode graph: the counter sampler, the buffered
         paths, and no top-k/top-p/min-p filter in the batch (those sample from the logits, as on a CPU)."""
         return (self.sampler == "counter" and self.runner.decode_graphs is not None
-                and not any(s.params.top_k > 0 or s.params.top_p < 1 or s.params.min_p > 0 for s in batch))
+                and not any(s.params.filters for s in batch))
 
     def _check_fits(self, index: int, prompt_len: int, sp: SamplingParams) -> None:
         if prompt_len == 0:

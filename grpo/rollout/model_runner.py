@@ -51,8 +51,9 @@ class ModelRunner:
         self._staging: torch.Tensor | None = None
 
     def reset(self) -> None:
-        """A new generate call: forget the staging copy, and the weights derived from the parameters (the
-        trainer may have stepped them); the decode graphs keep theirs while the weights are unchanged."""
+        """A new generate call: forget the staging copy, and remake the weights derived from the parameters (the
+        trainer may have stepped them); the decode graphs remake theirs in place and keep their captures
+        unless a parameter moved (`DecodeGraphs.refresh`)."""
         self._stage_key, self._staging = [], None
         if self.decode_graphs is not None:
             self.decode_graphs.model = self.model
@@ -104,17 +105,20 @@ class ModelRunner:
         return PagedCacheView(self.cache, slots, None, block_tables=tables, lengths=lengths,  # type: ignore[arg-type]
                               block_size=self.block_size, max_length=S)
 
-    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A decode step's ids, positions and cache slots [B, 1], worked out in Python: one small tensor each
-        instead of a tensor op per sequence."""
+    def _decode_lists(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int]]:
+        """A decode step's ids, positions and cache slots, one per sequence, worked out in Python (one small
+        tensor each later, instead of a tensor op per sequence)."""
+        if any(s.num_tokens - s.num_cached != 1 for s in seqs):
+            raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
         bs = self.block_size
-        ids, positions, slots = [], [], []
-        for s in seqs:
-            p = s.num_tokens - 1
-            ids.append([s.token_ids[-1]])
-            positions.append([p])
-            slots.append([s.block_table[p // bs] * bs + p % bs])
-        return torch.tensor(ids), torch.tensor(positions), torch.tensor(slots)
+        positions = [s.num_tokens - 1 for s in seqs]
+        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
+        return [s.token_ids[-1] for s in seqs], positions, slots
+
+    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decode step's ids, positions and cache slots [B, 1]."""
+        ids, positions, slots = self._decode_lists(seqs)
+        return torch.tensor(ids)[:, None], torch.tensor(positions)[:, None], torch.tensor(slots)[:, None]
 
     @torch.no_grad()
     def forward(self, seqs: list[Sequence], prefill: bool) -> torch.Tensor:
@@ -136,8 +140,6 @@ class ModelRunner:
                                         self._context_slots(seqs, S).to(device))
             self._stage_key = []  # the staging copy lacks what this prefill writes (e.g. a resumed sequence's)
         else:
-            if any(n - c != 1 for n, c in zip(lens, starts)):
-                raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
             ids, positions, slots = self._decode_inputs(seqs)
             compiled = self.model.compiled_decode
             if compiled is not None and compiled.reads_pages:
@@ -168,13 +170,7 @@ class ModelRunner:
     def _decode_buffered(self, seqs: list[Sequence], sampling: tuple | None = None):
         """A decode step through the persistent buffers (and CUDA graphs): logits [B, V] float32, or with
         `sampling` (`DecodeGraphs.tokens`' sampler inputs) the sampled tokens and log-probs."""
-        bs = self.block_size
-        positions = [s.num_tokens - 1 for s in seqs]
-        for s in seqs:
-            if s.num_tokens - s.num_cached != 1:
-                raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
-        slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        inputs = ([s.token_ids[-1] for s in seqs], positions, slots, [s.block_table for s in seqs])
+        inputs = (*self._decode_lists(seqs), [s.block_table for s in seqs])
         graphs = self.decode_graphs
         assert graphs is not None
         if self.record_routing:

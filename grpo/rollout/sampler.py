@@ -55,7 +55,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         raise ValueError("the counter sampler needs positions [B] beside seeds [B]")
     temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=logits.device)
     greedy = [p.greedy for p in params]
-    if seeds is not None and not any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):
+    if seeds is not None and not any(p.filters for p in params):
         # Nothing to filter: one pass over the logits (`model.kernels.counter_sample`), one copy to the host.
         tokens, chosen = kernels.counter_sample(logits, temperature, seeds, positions,  # type: ignore[arg-type]
                                                 torch.tensor(greedy, device=logits.device))
@@ -66,7 +66,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     tokens = logprobs.argmax(dim=-1)
     if not all(greedy):
         probs = logprobs.exp()
-        if any(p.top_k > 0 or p.top_p < 1 or p.min_p > 0 for p in params):  # else nothing to filter
+        if any(p.filters for p in params):  # else nothing to filter
             probs = filter_probs(
                 probs,
                 torch.tensor([p.top_k for p in params], device=logits.device),

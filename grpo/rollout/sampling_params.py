@@ -41,3 +41,8 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def filters(self) -> bool:
+        """Whether top-k, top-p or min-p cut the distribution before sampling."""
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0

@@ -234,7 +234,7 @@ class VLLMEngine:
             if sp.stop and not self.has_vllm_tokenizer:
                 raise ValueError("stop strings need vLLM's detokenizer: save the tokenizer into the checkpoint "
                                  f"directory {self.checkpoint_dir} (tokenizer.save_pretrained)")
-        filtered = any(not sp.greedy and (sp.top_k > 0 or sp.top_p < 1 or sp.min_p > 0) for sp in params_list)
+        filtered = any(not sp.greedy and sp.filters for sp in params_list)
         if filtered and not self.unfiltered_logprobs and not self._warned_filtered:
             warnings.warn("this vLLM's sampler could not be hooked: with top-k/top-p/min-p set, the returned "
                           "log-probabilities are renormalized over the kept tokens", stacklevel=2)
