@@ -177,12 +177,14 @@ def cmd_check_rewards(args: argparse.Namespace) -> int:
     ones: a broken reward shows before training (gold should get full marks, wrong ones zero)."""
     import rewards
 
-    from .build import build_rewards, build_rows
+    from .build import build_rewards, build_rows, build_toolbox
     from .config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     rows = build_rows(recipe, limit=max(args.n, 2))
-    report = rewards.check_rewards(build_rewards(recipe, on_error="raise"), rows, n=args.n)
+    box = build_toolbox(recipe)  # with tools, rewards also read the tool_calls of each completion
+    report = rewards.check_rewards(build_rewards(recipe, on_error="raise"), rows, n=args.n,
+                                   completion_columns=box.call_columns if box is not None else None)
     print(report.format())
     if recipe.reward_sandbox == "strict" or any(r.name == "code" for r in recipe.rewards):
         from rewards.sandbox_fs import describe

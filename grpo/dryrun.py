@@ -208,6 +208,32 @@ def warnings_for(recipe: Recipe) -> list[str]:
     return out
 
 
+def check_tools(recipe: Recipe, out: Callable[[str], Any] = print) -> list[str]:
+    """Print the recipe's tools (each one's call syntax, the episode limits) and run one trial call of each
+    code tool, as an episode would; returns the problems found (a trial call that errs or prints the wrong
+    thing: e.g. a sandbox that cannot start here)."""
+    from .build import build_toolbox
+    from .rollout.episodes import ToolCall
+
+    t = recipe.tools
+    box = build_toolbox(recipe)
+    out(f"tools: {', '.join(box.tools)}; at most {t.max_tool_calls} calls per completion, {t.timeout_s:g} s each, "
+        f"{t.max_workers} at once, output cut at {t.max_output_chars} characters")
+    problems = []
+    for tool in box.tools.values():
+        kind = "code" if tool.code else 'JSON {"name": ..., "arguments": {...}}'
+        out(f"  {tool.name}: {kind} between {tool.syntax.open!r} and {tool.syntax.close!r}; output comes back "
+            f"between {tool.syntax.output_open!r} and {tool.syntax.output_close!r}")
+        if tool.code:
+            result = box.run([ToolCall(tool.name, "print(6 * 7)")])[0]
+            ok = not result.error and result.output.strip() == "42"
+            out(f"  {tool.name}: trial call print(6 * 7) -> {result.output.strip()!r} in {result.seconds:.2f} s"
+                + ("" if ok else " (expected '42')"))
+            if not ok:
+                problems.append(f"tools: the trial call of {tool.name!r} returned {result.output.strip()!r}")
+    return problems
+
+
 def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], Any] = print) -> int:
     """Check `recipe` end to end short of building the engine and training, and print what it needs.
 
@@ -215,9 +241,9 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
     Raises RecipeError / DataError / FileNotFoundError / ConfigError (all ValueErrors or OSErrors) with a
     message naming what is wrong.
     Longer than 60 lines on purpose: the checks run in the order their report prints, so the function reads
-    as the report does (recipe, model, tokenizer, data, context, rewards, resources).
+    as the report does (recipe, model, tokenizer, data, context, rewards, tools, resources).
     """
-    from .build import build_rewards, build_rows, build_tokenizer
+    from .build import build_rewards, build_rows, build_tokenizer, build_toolbox
 
     d = recipe.data
     out(f"recipe: valid; {recipe.max_steps} steps x {recipe.prompts_per_step} prompts x "
@@ -266,12 +292,19 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
                           f"{context}")
 
     # Rewards: gold answers should get full marks (what `grpo check-rewards` does, on these rows).
-    report = rewards_lib.check_rewards(build_rewards(recipe, on_error="raise"), rows, n=len(rows))
+    box = build_toolbox(recipe)  # with tools, rewards also read the tool_calls of each completion
+    report = rewards_lib.check_rewards(build_rewards(recipe, on_error="raise"), rows, n=len(rows),
+                                       completion_columns=box.call_columns if box is not None else None)
     out("rewards, on the rows' gold answers and shuffled wrong ones:")
     for line in report.format().splitlines():
         out(f"  {line}")
     if recipe.reward_sandbox == "strict" or any(r.name == "code" for r in recipe.rewards):
         out(sandbox_description())
+
+    # Tools: each resolves, and each code tool runs one trial call in its sandbox (what an episode will do).
+    problems_with_tools = []
+    if recipe.tools.names:
+        problems_with_tools = check_tools(recipe, out)
 
     # Resources.
     mem = estimate_memory(cfg, size, recipe, longest)
@@ -284,12 +317,12 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
         f"({passes} x {_billions(size.active - size.embedding)} active parameters x tokens)")
     for warning in warnings_for(recipe):
         out(f"warning: {warning}")
-    problems = report.problems()
+    problems = report.problems() + problems_with_tools
     for problem in problems:
         out(f"error: rewards: {problem}")
-    out("dry run: " + ("FAILED (the rewards above)" if problems else "OK") + "; nothing was trained")
+    out("dry run: " + ("FAILED (the errors above)" if problems else "OK") + "; nothing was trained")
     return 1 if problems else 0
 
 
-__all__ = ["MemoryEstimate", "ModelSize", "activation_bytes", "dry_run", "estimate_memory", "min_gpus",
+__all__ = ["MemoryEstimate", "ModelSize", "activation_bytes", "check_tools", "dry_run", "estimate_memory", "min_gpus",
            "model_size", "warnings_for"]

@@ -171,9 +171,27 @@ class Toolbox:
     def find_call(self, text: str) -> ToolCall | None:
         """The first complete call in a turn's text, or None. A JSON call that cannot be read, or names no
         tool, is returned with its error (it runs as that error)."""
+        found = self._next_call(text, 0)
+        return None if found is None else found[0]
+
+    def calls_in(self, text: str) -> list[ToolCall]:
+        """Every complete call in a whole episode's text, in order (each call's output, which follows it, is
+        skipped): what `find_call` found turn by turn, read back from the text."""
+        calls, at = [], 0
+        while (found := self._next_call(text, at)) is not None:
+            call, at = found
+            syntax = self.tools[call.name].syntax if call.name in self.tools else TOOL_CALL_TAGS
+            if text.startswith(syntax.output_open, at):
+                close = text.find(syntax.output_close, at + len(syntax.output_open))
+                at = len(text) if close < 0 else close + len(syntax.output_close)
+            calls.append(call)
+        return calls
+
+    def _next_call(self, text: str, at: int) -> tuple[ToolCall, int] | None:
+        """The first complete call in text[at:] and where it ends, or None."""
         found: tuple[int, CallSyntax, str] | None = None
         for syntax in self.syntaxes:
-            start = text.find(syntax.open)
+            start = text.find(syntax.open, at)
             if start < 0:
                 continue
             end = text.find(syntax.close, start + len(syntax.open))
@@ -181,10 +199,11 @@ class Toolbox:
                 found = (end, syntax, text[start + len(syntax.open):end])
         if found is None:
             return None
-        _, syntax, body = found
+        end, syntax, body = found
+        end += len(syntax.close)
         code_tools = [t for t in self.tools.values() if t.syntax == syntax and t.code]
         if code_tools:
-            return ToolCall(code_tools[0].name, body)
+            return ToolCall(code_tools[0].name, body), end
         try:
             call = json.loads(body)
             name, arguments = call["name"], call.get("arguments", {})
@@ -192,10 +211,18 @@ class Toolbox:
                 raise TypeError("arguments must be a JSON object")
         except (ValueError, KeyError, TypeError) as exc:
             return ToolCall("?", body, error=f"malformed tool call ({exc}); expected "
-                                             '{"name": ..., "arguments": {...}}')
+                                             '{"name": ..., "arguments": {...}}'), end
         if name not in self.tools:
-            return ToolCall(str(name), arguments, error=f"unknown tool {name!r}; available: {', '.join(self.tools)}")
-        return ToolCall(name, arguments)
+            return ToolCall(str(name), arguments, error=f"unknown tool {name!r}; available: {', '.join(self.tools)}"), end
+        return ToolCall(name, arguments), end
+
+    def call_columns(self, completions: list[Any]) -> dict[str, list[Any]]:
+        """The ``tool_calls`` column rewards get, read from finished completions' text (per call its name,
+        arguments, error and malformed flag; no output): for checking rewards on written completions, where
+        no episode ran. `rewards.check_rewards(..., completion_columns=box.call_columns)`."""
+        texts = [c if isinstance(c, str) else "".join(m.get("content", "") for m in c) for c in completions]
+        return {"tool_calls": [[{"name": c.name, "arguments": c.arguments, "error": c.error,
+                                 "malformed": c.error is not None} for c in self.calls_in(t)] for t in texts]}
 
     def render(self, call: ToolCall, result: ToolResult) -> str:
         syntax = self.tools[call.name].syntax if call.name in self.tools else TOOL_CALL_TAGS

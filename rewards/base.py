@@ -130,10 +130,15 @@ class WarnOnce:
             return self._seen.get(key, 0)
 
 
-def named(fn: Callable[..., Any], name: str, doc: str | None = None) -> Callable[..., Any]:
-    """Give a reward closure a readable name (TRL logs rewards under ``__name__``)."""
+def named(fn: Callable[..., Any], name: str, doc: str | None = None, full_marks: float | None = None
+          ) -> Callable[..., Any]:
+    """Give a reward closure a readable name (TRL logs rewards under ``__name__``). ``full_marks``: the best
+    score it gives when not 1 (0 for a penalty), which :func:`rewards.check.check_rewards` expects of gold
+    answers."""
     fn.__name__ = name
     fn.__qualname__ = name
     if doc is not None:
         fn.__doc__ = doc
+    if full_marks is not None:
+        fn.full_marks = full_marks  # type: ignore[attr-defined]
     return fn

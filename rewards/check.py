@@ -132,6 +132,7 @@ def check_rewards(
     full_marks: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
+    completion_columns: Callable[[list[Any]], Mapping[str, list[Any]]] | None = None,
 ) -> CheckReport:
     """Score the first ``n`` rows' ideal completions and shuffled wrong ones with ``rewards``.
 
@@ -142,9 +143,12 @@ def check_rewards(
         make_completion: writes a row's ideal completion (default :func:`ideal_completion`).
         n: how many rows to use (all if fewer); at least 2 are needed for wrong answers.
         prompt_column: column passed as the prompt (empty prompts when absent).
-        full_marks: the score counted as full marks.
+        full_marks: the score counted as full marks, for rewards that do not declare their own (a penalty's
+            is 0: ``named(..., full_marks=0.0)``).
         seed: seed of the shuffle that pairs each row with another row's completion.
         batch_size: rows scored per call.
+        completion_columns: columns that describe each completion rather than its row, made from the
+            completions (e.g. the ``tool_calls`` a tool-using trainer passes, parsed from the text).
     """
     rows = [rows[i] for i in range(min(n, len(rows)))]
     if len(rows) < 2:
@@ -158,14 +162,18 @@ def check_rewards(
     perm = _derangement(len(rows), random.Random(seed))
     wrong = [ideal[j] for j in perm]
     checks = {name: FunctionCheck(name, len(rows)) for name in checker.names}
+    marks = {name: getattr(r.fn, "full_marks", full_marks) for name, r in zip(checker.names, checker.rewards)}
     for prefix, completions in (("ideal", ideal), ("wrong", wrong)):
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
             columns = {key: [row.get(key) for row in batch] for key in batch[0]}
             prompts = columns.pop(prompt_column, None) or [""] * len(batch)
-            scores = checker(prompts, completions[start : start + len(batch)], None, **columns)
+            scored = completions[start : start + len(batch)]
+            if completion_columns is not None:
+                columns.update(completion_columns(scored))
+            scores = checker(prompts, scored, None, **columns)
             for name, values in scores.per_function.items():
-                _tally(checks[name], values, full_marks, prefix)
+                _tally(checks[name], values, marks[name], prefix)
             for failure in scores.failures:
                 index = "batch" if failure.index is None else f"row {start + failure.index}"
                 checks[failure.name].errors.append(f"{prefix} completion, {index}: {failure.message}")

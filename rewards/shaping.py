@@ -137,7 +137,7 @@ def make_overlong_reward(max_length: int = 4096, cache_length: int = 1024) -> Re
             overlong_penalty(n, max_length, cache_length) for n in token_lengths(completions, completion_ids)
         ]
 
-    return named(overlong, "overlong", make_overlong_reward.__doc__)
+    return named(overlong, "overlong", make_overlong_reward.__doc__, full_marks=0.0)
 
 
 def repetition_penalty(text: str, ngram_size: int = 3, max_penalty: float = -1.0) -> float:
@@ -162,7 +162,7 @@ def make_repetition_reward(ngram_size: int = 3, max_penalty: float = -1.0) -> Re
     ) -> list[Score]:
         return [repetition_penalty(completion_text(c), ngram_size, max_penalty) for c in completions]
 
-    return named(repetition, "repetition", make_repetition_reward.__doc__)
+    return named(repetition, "repetition", make_repetition_reward.__doc__, full_marks=0.0)
 
 
 SCRIPTS = {
@@ -298,4 +298,5 @@ def make_malformed_tool_calls_reward(penalty: float = -0.5) -> RewardFn:
         calls = column(columns, ["tool_calls"], len(completions), "malformed_tool_calls")
         return [penalty * sum(bool(c.get("malformed")) for c in (cs or [])) for cs in calls]
 
-    return named(malformed_tool_calls, "malformed_tool_calls", make_malformed_tool_calls_reward.__doc__)
+    return named(malformed_tool_calls, "malformed_tool_calls", make_malformed_tool_calls_reward.__doc__,
+                 full_marks=0.0)

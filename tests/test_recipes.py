@@ -42,3 +42,11 @@ def test_r1_command_runs_every_stage_and_writes_the_report(tmp_path):
     assert all(Path(p).exists() for p in report["plots"]) and "reward.png" in " ".join(report["plots"])
     assert "| after GRPO |" in (out / "report.md").read_text()
     assert main(["r1", str(path), f"output_dir={out}"]) == 2  # never over an existing run
+
+
+def test_the_tool_recipe_dry_runs_its_rewards_and_a_trial_call(capsys):
+    assert main(["train", str(RECIPES[0].parent / "tool_tiny.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "malformed_tool_calls" in out and "no problems found" in out
+    assert "python: trial call print(6 * 7) -> '42'" in out
+    assert "dry run: OK" in out

@@ -60,3 +60,24 @@ def test_ideal_completion_writes_the_final_answer_in_r1_format():
     assert chat[0]["role"] == "assistant"
     with pytest.raises(KeyError, match="no column 'answer'"):
         ideal_completion({"solution": "5"})
+
+
+def test_a_penalty_counts_zero_as_full_marks_and_reads_per_completion_columns():
+    seen = []
+
+    def per_completion(completions):
+        seen.append(list(completions))
+        # The first completion of each batch made a malformed call; the others made none.
+        return {"tool_calls": [[{"malformed": True}] if i == 0 else [] for i in range(len(completions))]}
+
+    rows = ROWS
+    penalty = rewards.get("malformed_tool_calls", penalty=-1.0)
+    report = check_rewards([penalty], rows, completion_columns=per_completion)
+    (check,) = report.functions
+    # Gold completions: all but the first are clean, so they score 0, a penalty's full marks; the first pays -1.
+    assert (check.ideal_full, check.ideal_none) == (len(rows) - 1, 0)
+    assert report.problems() == [f"malformed_tool_calls: only {len(rows) - 1}/{len(rows)} gold answers get full marks"]
+    assert seen and all(len(batch) == len(rows) for batch in seen)  # the ideal batch, then the wrong one
+    assert report.functions[0].errors == []
+    without = check_rewards([penalty], rows)  # no tool_calls column: every sample errors, as before
+    assert "malformed_tool_calls: " in "\n".join(without.problems())

@@ -127,3 +127,19 @@ def test_a_written_episode_splits_into_policy_text_and_tool_outputs():
         (False, "<think><python>print(2*3)</python>"), (True, "<output>6\n</output>"),
         (False, "so</think><answer>6</answer>")]
     assert split_tool_output("no call", [PYTHON_TAGS]) == [(False, "no call")]
+
+
+def test_calls_in_reads_every_call_of_an_episode_and_skips_their_output():
+    box = Toolbox(["python", multiply], options={"python": {"syntax": "tags"}})
+    text = ("<think><python>print(2*3)</python><output><python>not a call</python>\n</output>"
+            '<tool_call>{"name": "multiply", "arguments": {"a": 2, "b": 5}}</tool_call>'
+            "<tool_response>\n10\n</tool_response>\n<tool_call>{oops</tool_call>"
+            "<python>print(1)</python>"  # complete: counted even with no output after it (the last turn)
+            "<python>print(</think>")  # never closed: not a call
+    calls = box.calls_in(text)
+    assert [c.name for c in calls] == ["python", "multiply", "?", "python"]
+    assert calls[0].arguments == "print(2*3)" and calls[1].arguments == {"a": 2, "b": 5}
+    assert calls[2].error is not None and calls[3].arguments == "print(1)"
+    (columns,) = box.call_columns([text])["tool_calls"]
+    assert [c["malformed"] for c in columns] == [False, False, True, False]
+    assert box.call_columns(["no calls here"]) == {"tool_calls": [[]]}
