@@ -127,12 +127,14 @@ class RolloutStats:
     tool_calls: list[int] = dataclasses.field(default_factory=list)  # [n]
     tool_errors: list[int] = dataclasses.field(default_factory=list)  # [n]
     tool_seconds: list[float] = dataclasses.field(default_factory=list)  # [n]
+    tool_tokens: list[int] = dataclasses.field(default_factory=list)  # [n] tool-output tokens (in lengths, no loss)
 
     @staticmethod
     def of(ro: Rollout, tokens: int, stats: dict[str, float]) -> RolloutStats:
         return RolloutStats(ro.rewards, ro.per_function, [len(c) for c in ro.completion_ids],
                             [f == "length" for f in ro.finish_reasons], tokens, stats,
-                            list(ro.tool_calls), list(ro.tool_errors), list(ro.tool_seconds))
+                            list(ro.tool_calls), list(ro.tool_errors), list(ro.tool_seconds),
+                            [sum(m) if m else 0 for m in ro.tool_masks])
 
     @staticmethod
     def concat(parts: list[RolloutStats]) -> RolloutStats:
@@ -143,4 +145,5 @@ class RolloutStats:
                             {k: [x for p in parts for x in p.per_function[k]] for k in parts[0].per_function},
                             [x for p in parts for x in p.lengths], [x for p in parts for x in p.truncated],
                             sum(p.tokens for p in parts), {}, [x for p in parts for x in p.tool_calls],
-                            [x for p in parts for x in p.tool_errors], [x for p in parts for x in p.tool_seconds])
+                            [x for p in parts for x in p.tool_errors], [x for p in parts for x in p.tool_seconds],
+                            [x for p in parts for x in p.tool_tokens])

@@ -505,14 +505,16 @@ class GlobalBatch:
 
 def tool_metrics(everyone: RolloutStats) -> dict[str, float]:
     """Tool use over the global batch: calls per completion, the share of completions that call, failed calls
-    (errors, timeouts, malformed calls) and the seconds the calls ran, summed."""
+    (errors, timeouts, malformed calls), the seconds the calls ran, summed, and the tool-output tokens per
+    completion (part of completions/mean_length, though the loss skips them)."""
     n = max(len(everyone.tool_calls), 1)
     calls = sum(everyone.tool_calls)
     return {"tools/calls_per_completion": calls / n,
             "tools/call_frequency": sum(c > 0 for c in everyone.tool_calls) / n,
             "tools/errors": float(sum(everyone.tool_errors)),
             "tools/failure_frequency": sum(everyone.tool_errors) / max(calls, 1),
-            "tools/call_seconds": float(sum(everyone.tool_seconds))}
+            "tools/call_seconds": float(sum(everyone.tool_seconds)),
+            "tools/output_tokens_per_completion": sum(everyone.tool_tokens) / n}
 
 
 def _mean(values: list[float | None]) -> float | None:

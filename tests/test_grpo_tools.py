@@ -156,6 +156,8 @@ def test_a_step_logs_tool_metrics_and_rewards_see_the_episode_and_its_calls(micr
     assert metrics["tools/calls_per_completion"] == sum(ro.tool_calls) / len(ro.tool_calls) > 0
     assert 0 < metrics["tools/call_frequency"] <= 1 and metrics["tools/errors"] == 0
     assert metrics["time/tools_s"] > 0 and metrics["tools/call_seconds"] > 0
+    tool_tokens = [sum(m) for m in ro.tool_masks if m]
+    assert metrics["tools/output_tokens_per_completion"] == sum(tool_tokens) / len(ro.tool_calls) > 0
     # The reward counts the calls whose output shows in the text it got: the whole episode, every call.
     assert ro.rewards.tolist() == [float(k) for k in ro.tool_calls]
 
