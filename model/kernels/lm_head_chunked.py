@@ -3,7 +3,8 @@ the rows: a chunk of tokens at a time, the chunk's logits [n, V] come from torch
 turns them into log-sum-exp, target log-prob and entropy; the backward recomputes each chunk's logits, a row
 kernel overwrites them with d loss / d logits, and two more matmuls give d(hidden) and d(W). Memory: one
 [n, V] buffer (`LOGITS_BYTES`) and a float32 d(W), never the [N, V] logits. The fused kernel (lm_head.py) holds
-less but multiplies with its own tl.dot loops, about 3x slower than cuBLAS on an H200."""
+less, but its own tl.dot loops took 315 ms on an H200 where the unfused PyTorch path's cuBLAS matmuls took 110
+(16k tokens x 129,280 x 2048, bf16, forward + backward); this path's time there is not yet measured."""
 
 from __future__ import annotations
 
