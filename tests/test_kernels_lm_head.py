@@ -51,10 +51,11 @@ def test_triton_lm_head_half_precision_matches_reference(dtype, device):  # noqa
         torch.testing.assert_close(g.float(), w.float(), atol=3e-2, rtol=3e-2)
 
 
-def test_lm_head_forward_only_and_scalar_temperature(device):  # noqa: F811
+@pytest.mark.parametrize("impl", ["triton", "chunked_triton"])
+def test_lm_head_forward_only_and_scalar_temperature(impl, device):  # noqa: F811
     hidden, weight, targets, _ = _inputs(7, 40, 16, torch.float32, device)
     with torch.no_grad():
-        got = kernels.lm_head_logprobs(hidden.view(1, 7, 16), weight, targets.view(1, 7), 0.7, True, impl="triton")
+        got = kernels.lm_head_logprobs(hidden.view(1, 7, 16), weight, targets.view(1, 7), 0.7, True, impl=impl)
         want = kernels.lm_head_logprobs(hidden.view(1, 7, 16), weight, targets.view(1, 7), 0.7, True, impl="reference")
     assert got[0].shape == (1, 7)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)

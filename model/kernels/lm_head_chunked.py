@@ -102,7 +102,8 @@ def _add_matmul_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 def _forward(hidden, weight, targets, inv_t, rows):
     N = hidden.shape[0]
     V = weight.shape[0]
-    logprobs, entropy, lse = torch.empty(3, N, dtype=torch.float32, device=hidden.device).unbind(0)
+    # three tensors, not views of one: a caller may change an output in place
+    logprobs, entropy, lse = (torch.empty(N, dtype=torch.float32, device=hidden.device) for _ in range(3))
     z = torch.empty(min(rows, N), V, dtype=hidden.dtype, device=hidden.device)
     kernel = launcher(_row_forward_kernel, hidden.device)
     for start in range(0, N, rows):
@@ -138,7 +139,7 @@ class ChunkedLMHeadLogprobs(torch.autograd.Function):
         meta = dict(BLOCK_V=BLOCK_V, HAS_G_LP=g_lp is not None, HAS_G_ENT=g_ent is not None, num_warps=NUM_WARPS)
         g_lp = lse.new_zeros(N) if g_lp is None else g_lp.float().contiguous()
         g_ent = lse.new_zeros(N) if g_ent is None else g_ent.float().contiguous()
-        dh = torch.empty_like(hidden) if need_h else None
+        dh = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_h else None
         # d(W) summed over chunks in float32 and rounded once at the end
         dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         z = torch.empty(min(rows, N), V, dtype=hidden.dtype, device=hidden.device)
@@ -153,6 +154,7 @@ class ChunkedLMHeadLogprobs(torch.autograd.Function):
                 torch.mm(gz, weight, out=dh[start:end])
             if need_w:
                 _add_matmul_(dw, gz.T, h)
+        del z, gz  # the chunk's buffer goes before d(W)'s copy in W's dtype is made
         if need_w:
             dw = dw.to(weight.dtype)
         return dh, dw, None, None, None
