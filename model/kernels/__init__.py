@@ -63,7 +63,7 @@ def select_impl(device: torch.device, dtype: torch.dtype, impl: str | None = Non
     """The implementation an entry runs on tensors of `device` and `dtype`: `impl` if given (else
     $R1_GRPO_KERNELS, see `requested_impl`), else by the table in this module's docstring. `entry` names an
     entry of ENTRY_IMPLS (its own implementations and CUDA default); the others choose among IMPLS."""
-    allowed = ENTRY_IMPLS.get(entry, IMPLS) if entry else IMPLS
+    allowed = ENTRY_IMPLS.get(entry, IMPLS)
     impl = impl or requested_impl(entry)
     if impl is not None:
         if impl not in allowed:
