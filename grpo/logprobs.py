@@ -85,12 +85,14 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _fused_kernel_chosen(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `model.kernels` picks its Triton LM-head kernel for these tensors (it needs one dtype for both)."""
+def _kernel_chosen(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `model.kernels` picks a Triton LM-head path ("chunked_triton" or the fused "triton") for these
+    tensors (both need one dtype for hidden and weight)."""
     try:
-        return kernels.select_impl(hidden.device, hidden.dtype) == "triton" and hidden.dtype == weight.dtype
+        chosen = kernels.select_impl(hidden.device, hidden.dtype, entry="lm_head")
     except ValueError:  # R1_GRPO_KERNELS=cpu, meant for the decode kernels: this one has no C++ op
         return False
+    return chosen != "reference" and hidden.dtype == weight.dtype
 
 
 def _run(
@@ -116,9 +118,10 @@ def _run(
         )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
-    if _fused_kernel_chosen(hidden, lm_head_weight):
-        # The fused Triton kernel (the default on CUDA; R1_GRPO_KERNELS=triton forces it): it streams the
-        # vocabulary, so not even a chunk's [chunk_size, V] logits are held. Elsewhere the chunks below.
+    if _kernel_chosen(hidden, lm_head_weight):
+        # model.kernels' Triton paths (CUDA; R1_GRPO_KERNELS forces one): "chunked_triton", the default, chunks
+        # by a byte budget of logits (chunk_size does not apply) with cuBLAS matmuls; the fused "triton" holds
+        # not even a chunk's logits. Elsewhere the chunks below.
         logprobs, entropy = kernels.lm_head_logprobs(flat_hidden, lm_head_weight, flat_targets, float(temperature),
                                                      with_entropy)
         entropy = entropy if with_entropy else logprobs.new_empty(0)

@@ -41,3 +41,8 @@ def test_every_kernel_compiles_for_sm90_and_sm80_in_bfloat16():
 @pytest.mark.parametrize("dtype", ["fp16", "fp32"])
 def test_every_kernel_compiles_for_sm90_and_sm80_in_other_dtypes(dtype):
     _compile(f"[{dtype}]")
+
+
+def test_lm_head_chunked_row_kernels_compile_for_sm90_and_sm80_in_every_dtype():
+    """The CUDA default LM head's row kernels (no tl.dot, a few seconds) in each dtype the logits can have."""
+    _compile("lm_head_chunked")

@@ -1,13 +1,20 @@
 """One entry per kernel, for the eager step, the compiled step and training alike. Each entry picks its
 implementation from the tensors' device and dtype:
 
-    CUDA with Triton installed                  -> the Triton kernel (decode_attention.py, lm_head.py, moe.py,
-                                                   sampling.py)
+    CUDA with Triton installed                  -> the Triton kernel (decode_attention.py, moe.py, sampling.py);
+                                                   for the LM head "chunked_triton" (lm_head_chunked.py: cuBLAS
+                                                   matmuls a chunk of tokens at a time, Triton row kernels)
     CPU float32 with `model.native` built       -> our C++ op (decode attention and routed experts only)
     anything else                               -> the plain PyTorch reference (reference.py)
 
-`impl=` ("triton", "cpu", "reference") forces one, as does $R1_GRPO_KERNELS; "triton" on CPU tensors runs
-the kernel in Triton's interpreter (tests)."""
+`impl=` forces one, as does $R1_GRPO_KERNELS: "triton", "cpu", "reference" for every entry, and for the LM head
+"chunked_triton" or "triton" (the fused kernel, lm_head.py); "triton" on CPU tensors runs the kernel in Triton's
+interpreter (tests). $R1_GRPO_KERNELS is a name for every entry, or a comma-separated list with `entry=impl`
+items for one entry: "lm_head=triton" (the fused LM head, the rest by default), "reference,lm_head=chunked_triton".
+
+LM head, forward + backward of 16k tokens x vocab 129,280 x hidden 2048 in bfloat16 on an H200: the fused kernel
+315 ms and 1.7 GB, the unfused PyTorch path (whole [N, V] logits) 110 ms and 50.8 GB; "chunked_triton", the
+default, is not yet measured on a GPU (bench/gpu_kernels.py times all three)."""
 
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ import torch
 from . import reference
 
 IMPLS = ("triton", "cpu", "reference")
+#: The entries whose implementations differ from IMPLS; the first is the entry's default on CUDA.
+ENTRY_IMPLS = {"lm_head": ("chunked_triton", "triton", "reference")}
 
 
 def _triton_installed() -> bool:
@@ -36,18 +45,35 @@ def _native():
     return native.decode_kernels()
 
 
-def select_impl(device: torch.device, dtype: torch.dtype, impl: str | None = None, has_cpu_op: bool = False) -> str:
+def requested_impl(entry: str | None = None) -> str | None:
+    """The implementation $R1_GRPO_KERNELS asks of `entry`: its `entry=impl` item, else the plain `impl` item
+    that names one for every entry, else None."""
+    every = None
+    for item in os.environ.get("R1_GRPO_KERNELS", "").split(","):
+        name, assigned, impl = item.strip().rpartition("=")
+        if assigned and name == entry:
+            return impl
+        if not assigned and impl:
+            every = impl
+    return every
+
+
+def select_impl(device: torch.device, dtype: torch.dtype, impl: str | None = None, has_cpu_op: bool = False,
+                entry: str | None = None) -> str:
     """The implementation an entry runs on tensors of `device` and `dtype`: `impl` if given (else
-    $R1_GRPO_KERNELS), else by the table in this module's docstring."""
-    impl = impl or os.environ.get("R1_GRPO_KERNELS") or None
+    $R1_GRPO_KERNELS, see `requested_impl`), else by the table in this module's docstring. `entry` names an
+    entry of ENTRY_IMPLS (its own implementations and CUDA default); the others choose among IMPLS."""
+    allowed = ENTRY_IMPLS.get(entry, IMPLS)
+    impl = impl or requested_impl(entry)
     if impl is not None:
-        if impl not in IMPLS:
-            raise ValueError(f"unknown kernel implementation {impl!r}; choose one of {IMPLS}")
+        if impl not in allowed:
+            raise ValueError(f"unknown kernel implementation {impl!r}" + (f" for {entry}" if entry else "")
+                             + f"; choose one of {allowed}")
         if impl == "cpu" and not has_cpu_op:
             raise ValueError("impl='cpu': this kernel has no C++ op; choose 'triton' or 'reference'")
         return impl
     if device.type == "cuda" and _triton_installed():
-        return "triton"
+        return allowed[0]
     if has_cpu_op and device.type == "cpu" and dtype == torch.float32 and _native() is not None:
         return "cpu"
     return "reference"
@@ -89,6 +115,7 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
     hidden:      [..., D] final hidden states (after the final norm); weight: [V, D] the LM head, same dtype
     targets:     [...] int token ids in [0, V)
     temperature: a float, or [...] one per token (positive)
+    impl:        "chunked_triton" (the CUDA default), "triton" (the fused kernel) or "reference"
     Returns logprobs [...] float32 and entropy [...] float32 (None unless with_entropy)."""
     if hidden.shape[:-1] != targets.shape or weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
         raise ValueError(f"lm_head_logprobs: need hidden [..., D], weight [V, D] and targets [...], got "
@@ -101,13 +128,15 @@ def lm_head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.
         if temperature <= 0:
             raise ValueError(f"lm_head_logprobs: temperature must be positive, got {temperature}")
         inv_t = torch.full((flat.shape[0],), 1.0 / temperature, dtype=torch.float32, device=hidden.device)
-    chosen = select_impl(hidden.device, hidden.dtype, impl)
-    if chosen == "triton" and flat.shape[0] > 0:
-        from . import lm_head
-
+    chosen = select_impl(hidden.device, hidden.dtype, impl, entry="lm_head")
+    if chosen != "reference" and flat.shape[0] > 0:
         if weight.dtype != hidden.dtype:
             raise ValueError(f"lm_head_logprobs: hidden is {hidden.dtype} but weight is {weight.dtype}")
-        logprobs, entropy, _ = lm_head.lm_head_logprobs(flat, weight, flat_targets, inv_t)
+        if chosen == "chunked_triton":
+            from . import lm_head_chunked as path
+        else:
+            from . import lm_head as path
+        logprobs, entropy, _ = path.lm_head_logprobs(flat, weight, flat_targets, inv_t)
     else:
         logprobs, entropy, _ = reference.lm_head_logprobs(flat, weight, flat_targets, 1.0 / inv_t, with_entropy)
     return logprobs.view(targets.shape), entropy.view(targets.shape) if with_entropy else None

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import decode_attention, lm_head, moe, sampling
+from . import decode_attention, lm_head, lm_head_chunked, moe, sampling
 from ._triton import next_power_of_2
 
 #: Shared memory a block may use, bytes (H100/H200: 227 KB; A100: 163 KB).
@@ -75,6 +75,15 @@ def specs(rank: int = 512, rope_dim: int = 64) -> list[Spec]:
         for name, kernel in (("grad_hidden", lm_head._grad_hidden_kernel), ("grad_weight", lm_head._grad_weight_kernel)):
             out.append(Spec(f"lm_head.{name}[{t}]", kernel, _sig(kernel, grads),
                             dict(blocks, HAS_G_LP=True, HAS_G_ENT=True), dict(num_warps=lm_head.NUM_WARPS)))
+        # the chunked path's row kernels over the cuBLAS logits (the matmul's dtype); both gradient terms on
+        rows = dict(z_ptr=f"*{t}", targets_ptr="*i64", inv_t_ptr="*fp32", lse_ptr="*fp32", V="i32", stride_z="i32")
+        chunked = dict(BLOCK_V=lm_head_chunked.BLOCK_V)
+        out.append(Spec(f"lm_head_chunked.row_forward[{t}]", lm_head_chunked._row_forward_kernel, _sig(
+            lm_head_chunked._row_forward_kernel, dict(rows, logprobs_ptr="*fp32", entropy_ptr="*fp32")),
+            chunked, dict(num_warps=lm_head_chunked.NUM_WARPS), uses_dot=False))
+        out.append(Spec(f"lm_head_chunked.row_backward[{t}]", lm_head_chunked._row_backward_kernel, _sig(
+            lm_head_chunked._row_backward_kernel, dict(rows, ent_ptr="*fp32", g_lp_ptr="*fp32", g_ent_ptr="*fp32")),
+            dict(chunked, HAS_G_LP=True, HAS_G_ENT=True), dict(num_warps=lm_head_chunked.NUM_WARPS), uses_dot=False))
 
         out.append(Spec(f"sampling.counter_sample[{t}]", sampling._sample_kernel, _sig(sampling._sample_kernel, dict(
             logits_ptr=f"*{t}", temperature_ptr="*fp32", seeds_ptr="*i64", positions_ptr="*i64", greedy_ptr="*i8",
