@@ -25,7 +25,6 @@ from rewards.sandbox_fs import describe as sandbox_description
 from .benchmarks import load_eval_rows
 from .config import Recipe, RecipeError
 from .data import check_columns
-from .logprobs import CHUNK_SIZE
 from .rollout.vllm_backend import DEFAULT_MAX_MODEL_LEN
 from .templates import encode_prompt, render_prompt
 
@@ -88,8 +87,13 @@ class MemoryEstimate:
 
 def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_bytes: int, checkpointing: bool) -> int:
     """A rough peak of one micro-batch's activations. With gradient checkpointing: every block's input, plus
-    one block recomputed and its gradients; without: every block's working set. Plus the log-prob chunk's
-    logits (fp32, CHUNK_SIZE tokens, x3 at the backward's peak). Attention is SDPA, so no T x T scores."""
+    one block recomputed and its gradients; without: every block's working set. Plus the LM head's log-prob
+    path as a GPU runs it ("chunked_triton": one chunk's logits, at most LOGITS_BYTES, and d(W) summed in
+    float32). Attention is SDPA, so no T x T scores."""
+    from model.kernels.lm_head_chunked import (
+        LOGITS_BYTES,  # (imports triton: only when a dry run sizes memory)
+    )
+
     tokens = micro_batch * seq_len
     attention = tokens * cfg.num_attention_heads * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim)  # q, k, v, out
     if cfg.n_routed_experts:
@@ -97,7 +101,7 @@ def activation_bytes(cfg: ModelConfig, micro_batch: int, seq_len: int, dtype_byt
     else:
         ffn = tokens * 3 * cfg.intermediate_size
     block = (attention + ffn + 4 * tokens * cfg.hidden_size) * dtype_bytes  # + norms and residuals
-    logits = 3 * CHUNK_SIZE * cfg.vocab_size * 4
+    logits = min(LOGITS_BYTES, tokens * cfg.vocab_size * dtype_bytes) + 4 * cfg.vocab_size * cfg.hidden_size
     if checkpointing:
         return tokens * cfg.hidden_size * dtype_bytes * cfg.num_hidden_layers + 2 * block + logits
     return cfg.num_hidden_layers * block + logits

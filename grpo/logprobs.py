@@ -85,14 +85,23 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _kernel_chosen(hidden: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `model.kernels` picks a Triton LM-head path ("chunked_triton" or the fused "triton") for these
-    tensors (both need one dtype for hidden and weight)."""
+def _kernel_chosen(device: torch.device, hidden_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether `model.kernels` picks a Triton LM-head path ("chunked_triton" or the fused "triton") for
+    tensors on `device` of these dtypes (both paths need one dtype for hidden and weight)."""
     try:
-        chosen = kernels.select_impl(hidden.device, hidden.dtype, entry="lm_head")
+        chosen = kernels.select_impl(device, hidden_dtype, entry="lm_head")
     except ValueError:  # R1_GRPO_KERNELS=cpu, meant for the decode kernels: this one has no C++ op
         return False
-    return chosen != "reference" and hidden.dtype == weight.dtype
+    return chosen != "reference" and hidden_dtype == weight_dtype
+
+
+def _autocast_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype where autocast is on for these tensors' device and would lower their matmul, else None."""
+    device = hidden.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    return dtype if weight.dtype == torch.float32 and hidden.dtype in (torch.float32, dtype) else None
 
 
 def _run(
@@ -118,7 +127,13 @@ def _run(
         )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1).long()
-    if _kernel_chosen(hidden, lm_head_weight):
+    autocast = _autocast_dtype(hidden, lm_head_weight)
+    if autocast is not None and _kernel_chosen(hidden.device, autocast, autocast):
+        # Under autocast (model.dtype: bfloat16 over float32 master weights) the reference's matmul runs in
+        # the autocast dtype; the Triton paths get their inputs in it too, or their matmuls would run in float32
+        # (about 10x slower on a GPU). The cast is differentiable: d(W) reaches the float32 weight.
+        flat_hidden, lm_head_weight = flat_hidden.to(autocast), lm_head_weight.to(autocast)
+    if _kernel_chosen(hidden.device, flat_hidden.dtype, lm_head_weight.dtype):
         # model.kernels' Triton paths (CUDA; R1_GRPO_KERNELS forces one): "chunked_triton", the default, chunks
         # by a byte budget of logits (chunk_size does not apply) with cuBLAS matmuls; the fused "triton" holds
         # not even a chunk's logits. Elsewhere the chunks below.
