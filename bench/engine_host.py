@@ -46,8 +46,8 @@ GROUP = 8  # samples per prompt (GRPO's group size)
 PROMPT_TOKENS = 32
 VOCAB = 256
 STUB = ("model", "the model's step, stubbed: a fixed output of the right shape")
-# (class, method, phase): each method's own time (its callees' left out) is charged to its phase. A method the
-# engine does not have (another version of it) is skipped.
+# (class, method, phase): each method's own time (its callees' left out) is charged to its phase. A class or
+# method the engine does not have (another version of it) is skipped, so one script times before and after.
 PHASES = [
     ("Scheduler", "schedule", "schedule"),
     ("ModelRunner", "copy_blocks", "schedule"),
@@ -55,9 +55,12 @@ PHASES = [
     ("ModelRunner", "decode_tokens", "inputs"),
     ("ModelRunner", "_decode_buffered", "inputs"),
     ("ModelRunner", "_staged_view", "inputs"),
+    ("DecodeBatch", "write", "inputs"),
     ("DecodeGraphs", "_run", "inputs"),
+    ("DecodeGraphs", "run", "inputs"),
     ("DecodeGraphs", "tokens", "readback"),
     ("DecodeGraphs", "logits", "readback"),
+    ("DecodeGraphs", "read_tokens", "readback"),
     ("Engine", "_sample", "sample"),
     ("Engine", "_append", "append"),
 ]
@@ -75,9 +78,14 @@ class StepClock:
         self._patch(scheduler, "schedule", self._marking(scheduler.schedule, "schedule" if phases else None))
         if phases:
             for owner, name, phase in PHASES[1:]:
-                cls = classes[owner]
-                if name in vars(cls):
-                    self._patch(cls, name, self.timed(getattr(cls, name), phase))
+                cls = classes.get(owner)
+                if cls is None or name not in vars(cls):
+                    continue
+                raw = vars(cls)[name]
+                if isinstance(raw, staticmethod):
+                    self._patch(cls, name, staticmethod(self.timed(raw.__func__, phase)))
+                else:
+                    self._patch(cls, name, self.timed(raw, phase))
 
     def _patch(self, cls: type, name: str, fn) -> None:
         self.undo.append((cls, name, vars(cls)[name]))
@@ -133,7 +141,14 @@ def classes() -> dict[str, type]:
     from grpo.rollout.model_runner import ModelRunner
     from grpo.rollout.scheduler import Scheduler
 
-    return {"Scheduler": Scheduler, "ModelRunner": ModelRunner, "DecodeGraphs": DecodeGraphs, "Engine": Engine}
+    found = {"Scheduler": Scheduler, "ModelRunner": ModelRunner, "DecodeGraphs": DecodeGraphs, "Engine": Engine}
+    try:
+        from grpo.rollout.decode_batch import DecodeBatch
+
+        found["DecodeBatch"] = DecodeBatch
+    except ImportError:  # an engine from before the persistent batch
+        pass
+    return found
 
 
 def make_engine(path: str, batch: int, tokens: int, clock_phases: list):

@@ -1,0 +1,95 @@
+"""A decode step's inputs, kept in the decode graphs' pinned host buffers from one step to the next (a persistent
+batch, as vLLM's): while a step runs the same sequences as the last one, only what moved is written.
+
+From one decode step to the next of the same sequences, each has exactly one new token, its position and draw
+index advance by one, and its block table changes only when that token starts a block (`BlockManager.
+prepare_append` appended one; a copy on write or a prefill in between makes the runner `forget` the batch, so
+every other change of a table comes with a full rewrite). The rows that are rewritten every step (ids, slots)
+are one NumPy operation each, not a Python loop over the sequences."""
+
+from __future__ import annotations
+
+from itertools import chain
+
+import numpy as np
+
+from .cuda_graphs import DecodeGraphs
+from .sequence import Sequence
+
+
+def write_block_tables(seqs: list[Sequence], out: np.ndarray) -> int:
+    """Writes each sequence's block table into a row of `out` [>= B, >= W], padded with block 0 to the longest
+    table (one NumPy assignment, not a row at a time). Returns that width, W."""
+    lengths = np.fromiter(map(len, (s.block_table for s in seqs)), np.int64, len(seqs))
+    width = int(lengths.max())
+    tables = out[: len(seqs), :width]
+    tables[:] = 0
+    tables[np.arange(width) < lengths[:, None]] = np.fromiter(chain.from_iterable(s.block_table for s in seqs),
+                                                              out.dtype, int(lengths.sum()))
+    return width
+
+
+class DecodeBatch:
+    """Writes decode steps into `graphs`' host buffers (`DecodeGraphs.run` pads, copies and runs them)."""
+
+    def __init__(self, graphs: DecodeGraphs, block_size: int):
+        self.graphs, self.block_size = graphs, block_size
+        self.rows = graphs.host_rows  # [ROWS, P] int64: ids, positions, slots, lengths, seeds, draws, greedy
+        self.tables = graphs.host_table_rows  # [P, W] int32
+        self.temperature = graphs.host_temperature_row  # [P] float32
+        self.index = np.arange(self.rows.shape[1])
+        self.seqs: list[Sequence] = []  # the last step's sequences, row by row
+        self.sampled = False  # whether the sampler's rows hold them
+        self.width = 0  # block table columns written
+
+    def forget(self) -> None:
+        """The next step rewrites every row (a new generate, a prefill or a copy on write came in between)."""
+        self.seqs = []
+
+    def write(self, seqs: list[Sequence], sampled: bool) -> int:
+        """Writes a decode step of `seqs` (one uncached token each) into rows [:len(seqs)], with the sampler's
+        inputs when `sampled`. Returns the block tables' width (the longest table)."""
+        if sampled == self.sampled and len(seqs) == len(self.seqs) and seqs == self.seqs:  # the same objects
+            self._advance(seqs)
+        else:
+            self._rewrite(seqs, sampled)
+            self.seqs, self.sampled = list(seqs), sampled
+        return self.width
+
+    def _rewrite(self, seqs: list[Sequence], sampled: bool) -> None:
+        if any(s.num_tokens - s.num_cached != 1 for s in seqs):
+            raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
+        B, rows, bs = len(seqs), self.rows, self.block_size
+        rows[0, :B] = [s.token_ids[-1] for s in seqs]
+        positions = rows[1, :B]
+        positions[:] = [s.num_cached for s in seqs]  # the new token's
+        rows[3, :B] = positions + 1
+        self.width = write_block_tables(seqs, self.tables)
+        rows[2, :B] = self.tables[self.index[:B], positions // bs] * bs + positions % bs
+        if sampled:
+            self.temperature[:B] = [s.params.temperature if s.params.temperature > 0 else 1.0 for s in seqs]
+            rows[4, :B] = [s.seed or 0 for s in seqs]
+            rows[5, :B] = rows[3, :B] - [s.prompt_len for s in seqs]  # the index of the token it draws
+            rows[6, :B] = [s.params.greedy for s in seqs]
+
+    def _advance(self, seqs: list[Sequence]) -> None:
+        """The same sequences as the last step, one token further."""
+        B, rows, bs = len(seqs), self.rows, self.block_size
+        rows[0, :B] = [s.token_ids[-1] for s in seqs]
+        positions = rows[1, :B]
+        positions += 1
+        rows[3, :B] = positions + 1
+        if self.sampled:
+            rows[5, :B] += 1
+        column = positions // bs
+        width = int(column.max()) + 1
+        if width > self.width:
+            self.tables[:B, self.width:width] = 0
+            self.width = width
+        for b in np.flatnonzero(positions % bs == 0).tolist():  # the token starts a block: its table grew
+            table, c = seqs[b].block_table, int(column[b])
+            if len(table) != c + 1:
+                raise RuntimeError(f"{seqs[b]}: a table of {len(table)} blocks at position {positions[b]}; its "
+                                   "table changed without the runner forgetting the batch")
+            self.tables[b, c] = table[c]
+        rows[2, :B] = self.tables[self.index[:B], column] * bs + positions % bs
