@@ -6,12 +6,12 @@ layer over the paged latent pool through `model.kernels`, the LM head) is captur
 size of a ladder, and each step then copies its inputs into the buffers the graph reads and replays it.
 
 - Inputs live in one device buffer per kind (ids, positions, slots, lengths, block tables), sized for the
-  largest batch; a step writes them from one pinned host staging copy (host -> device, no sync). Rows past
-  the real batch are padding: token 0 at position 0, written to and read from a scratch block that no
-  sequence owns.
+  largest batch, and in pinned host buffers of the same shapes that `DecodeBatch` (decode_batch.py) keeps
+  from step to step; a step copies them host -> device (no sync). Rows past the real batch are padding:
+  token 0 at position 0, written to and read from a scratch block that no sequence owns.
 - Graphs are captured lazily, the first time a padded size is met, and all share one memory pool. Where the
-  rows sample with the counter sampler and no filters, the sampler is in the graph too (`tokens`), and a
-  step's only device -> host copy is its tokens and their log-probs.
+  rows sample with the counter sampler and no filters, the sampler is in the graph too (`run(sampled=True)`),
+  and a step's only device -> host copy is its tokens and their log-probs (`read_tokens`).
 - A graph reads the weights at the addresses they had when it was captured. At every `generate` the weights
   derived from the parameters (MLA's absorbed projections, stacked MLP weights) are remade in place, since an
   optimizer step may have moved the parameters (fused AdamW leaves no trace in their version counters); if a

@@ -213,6 +213,7 @@ class Engine:
             tokens, logprobs = self._sample(logits if rows == list(range(len(batch))) else logits[rows], seqs)
             self._append(seqs, tokens, logprobs, scheduler, outputs, bar, episodes)
         bar.close()
+        self.runner.forget_batch()  # its persistent decode batch holds the last step's sequences
         self.last_stats = {"steps": steps, "preemptions": scheduler.num_preemptions,
                            "blocks_allocated": self.block_manager.blocks_allocated, "prefill_tokens": prefill_tokens}
         return outputs

@@ -22,6 +22,7 @@ class ModelRunner:
       "eager":   the CPU's path: inputs built per step, the context staged (or read in place by the compiled
                  step's paged kernel);
       "buffers": inputs in persistent device buffers, a step free of host syncs (`CausalLM.decode_logits`);
+                 the host side of its inputs kept from step to step (`DecodeBatch`);
       "graphs":  "buffers" captured in CUDA graphs (`DecodeGraphs`), the CUDA default. Recording routing
                  runs it uncaptured (the recorded experts are read per step).
     max_batch, max_blocks: the most sequences a step holds and blocks a sequence holds (the buffers' sizes)."""
@@ -59,19 +60,24 @@ class ModelRunner:
         trainer may have stepped them); the decode graphs remake theirs in place and keep their captures
         unless a parameter moved (`DecodeGraphs.refresh`)."""
         self._stage_key, self._staging = [], None
-        if self.decode_batch is not None:
-            self.decode_batch.forget()
+        self.forget_batch()
         if self.decode_graphs is not None:
             self.decode_graphs.model = self.model
             self.decode_graphs.refresh()
         else:
             self.model.forget_derived_weights()
 
+    def forget_batch(self) -> None:
+        """The next buffered decode step rewrites all its inputs (`DecodeBatch.forget`); at the end of a generate,
+        this drops the batch's last sequences."""
+        if self.decode_batch is not None:
+            self.decode_batch.forget()
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src's latents (all layers) into block dst."""
         bs = self.block_size
-        if copies and self.decode_batch is not None:
-            self.decode_batch.forget()  # a table changed inside: rewrite the rows
+        if copies:
+            self.forget_batch()  # a table changed inside: rewrite the rows
         for src, dst in copies:
             self.cache.data[:, dst * bs:(dst + 1) * bs] = self.cache.data[:, src * bs:(src + 1) * bs]
 
@@ -144,8 +150,7 @@ class ModelRunner:
             view: CacheView = CacheView(self.cache, self._slots(seqs, positions).to(device),
                                         self._context_slots(seqs, S).to(device))
             self._stage_key = []  # the staging copy lacks what this prefill writes (e.g. a resumed sequence's)
-            if self.decode_batch is not None:
-                self.decode_batch.forget()  # the tables and tokens may have changed in any way
+            self.forget_batch()  # the tables and tokens may have changed in any way
         else:
             ids, positions, slots = self._decode_inputs(seqs)
             compiled = self.model.compiled_decode
@@ -167,11 +172,12 @@ class ModelRunner:
             last = hidden[torch.arange(len(seqs)), torch.tensor(lens) - torch.tensor(starts) - 1]  # [B, D]
         else:
             last = hidden[:, 0]
-        for b, (s, c, n) in enumerate(zip(seqs, starts, lens)):
-            if routing is not None:
+        if routing is not None:
+            for b, (s, c, n) in enumerate(zip(seqs, starts, lens)):
                 chunk = routing[b, : n - c].to(torch.int16).cpu()
                 s.routing = [chunk] if c == 0 else [*s.routing, chunk]  # c == 0: a (re)computed prefill
-            s.num_cached = s.num_tokens
+        for s, n in zip(seqs, lens):
+            s.num_cached = n
         return self.model.logits(last).float()
 
     def _decode_buffered(self, seqs: list[Sequence], sampled: bool = False):
@@ -193,7 +199,7 @@ class ModelRunner:
             for b, s in enumerate(seqs):
                 s.routing = [*s.routing, routing[b]]
         for s in seqs:
-            s.num_cached = s.num_tokens
+            s.num_cached = len(s.token_ids)
         return graphs.read_tokens(out) if sampled else out
 
     def decode_tokens(self, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
