@@ -114,12 +114,14 @@ class DecodeGraphs:
                                                   self.inputs[5, :size], self.inputs[6, :size] != 0)
         return torch.stack([tokens.double(), logprobs.double()])
 
-    def run(self, batch: int, width: int, sampled: bool) -> torch.Tensor:
+    def run(self, batch: int, width: int, sampled: bool, tables: bool = True, temperature: bool = True) -> torch.Tensor:
         """One decode step of the `batch` sequences whose inputs are in the host buffers' first rows (written by
         `DecodeBatch`: ids, positions, slots, lengths, and with `sampled` the sampler's rows and temperatures;
         block tables `width` columns wide). Pads the rest of the padded size, copies them to the device buffers
-        and runs the step (replays its graph). Returns logits [batch, V] float32, or with `sampled` the [2, batch]
-        tokens and log-probs (float64) for `read_tokens`; a view of the graph's output, valid until the next step."""
+        (the tables and temperatures only when `tables`, `temperature`: False when the device's are the same as
+        the last step's) and runs the step (replays its graph). Returns logits [batch, V] float32, or with
+        `sampled` the [2, batch] tokens and log-probs (float64) for `read_tokens`; a view of the graph's output,
+        valid until the next step."""
         if self.max_batch < batch:
             raise ValueError(f"a decode step of {batch} sequences, but the graphs were sized for {self.max_batch}")
         if width > self.tables.shape[1]:
@@ -129,8 +131,9 @@ class DecodeGraphs:
         self.host_rows[:, batch:size] = self.padding
         self.host_table_rows[batch:size, 0] = self.scratch_block
         self.inputs[:, :size].copy_(self.host_inputs[:, :size], non_blocking=True)
-        self.tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
-        if sampled:
+        if tables:
+            self.tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
+        if sampled and temperature:
             self.host_temperature_row[batch:size] = 1.0
             self.temperature[:size].copy_(self.host_temperature[:size], non_blocking=True)
         if not self.capture:

@@ -46,15 +46,16 @@ class DecodeBatch:
         """The next step rewrites every row (a new generate, a prefill or a copy on write came in between)."""
         self.seqs = []
 
-    def write(self, seqs: list[Sequence], sampled: bool) -> int:
+    def write(self, seqs: list[Sequence], sampled: bool) -> tuple[int, bool, bool]:
         """Writes a decode step of `seqs` (one uncached token each) into rows [:len(seqs)], with the sampler's
-        inputs when `sampled`. Returns the block tables' width (the longest table)."""
+        inputs when `sampled`. Returns the block tables' width (the longest table) and whether the tables and
+        the temperatures changed since the last step (else the device buffers still hold them: no copy)."""
         if sampled == self.sampled and len(seqs) == len(self.seqs) and seqs == self.seqs:  # the same objects
-            self._advance(seqs)
-        else:
-            self._rewrite(seqs, sampled)
-            self.seqs, self.sampled = list(seqs), sampled
-        return self.width
+            changed = self._advance(seqs)
+            return self.width, changed, False
+        self._rewrite(seqs, sampled)
+        self.seqs, self.sampled = list(seqs), sampled
+        return self.width, True, sampled
 
     def _rewrite(self, seqs: list[Sequence], sampled: bool) -> None:
         if any(s.num_tokens - s.num_cached != 1 for s in seqs):
@@ -72,8 +73,8 @@ class DecodeBatch:
             rows[5, :B] = rows[3, :B] - [s.prompt_len for s in seqs]  # the index of the token it draws
             rows[6, :B] = [s.params.greedy for s in seqs]
 
-    def _advance(self, seqs: list[Sequence]) -> None:
-        """The same sequences as the last step, one token further."""
+    def _advance(self, seqs: list[Sequence]) -> bool:
+        """The same sequences as the last step, one token further. Returns whether a block table changed."""
         B, rows, bs = len(seqs), self.rows, self.block_size
         rows[0, :B] = [s.token_ids[-1] for s in seqs]
         positions = rows[1, :B]
@@ -83,13 +84,16 @@ class DecodeBatch:
             rows[5, :B] += 1
         column = positions // bs
         width = int(column.max()) + 1
-        if width > self.width:
+        changed = width > self.width
+        if changed:
             self.tables[:B, self.width:width] = 0
             self.width = width
         for b in np.flatnonzero(positions % bs == 0).tolist():  # the token starts a block: its table grew
+            changed = True
             table, c = seqs[b].block_table, int(column[b])
             if len(table) != c + 1:
                 raise RuntimeError(f"{seqs[b]}: a table of {len(table)} blocks at position {positions[b]}; its "
                                    "table changed without the runner forgetting the batch")
             self.tables[b, c] = table[c]
         rows[2, :B] = self.tables[self.index[:B], column] * bs + positions % bs
+        return changed

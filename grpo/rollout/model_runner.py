@@ -185,11 +185,11 @@ class ModelRunner:
         (the counter sampler in the step, `decode_tokens`) the sampled tokens and log-probs."""
         graphs, batch = self.decode_graphs, self.decode_batch
         assert graphs is not None and batch is not None
-        width = batch.write(seqs, sampled)
+        width, tables, temperature = batch.write(seqs, sampled)
         if self.record_routing:
             self.model.record_routing(True)
         try:
-            out = graphs.run(len(seqs), width, sampled)
+            out = graphs.run(len(seqs), width, sampled, tables, temperature)
             routing = self.model.recorded_routing() if self.record_routing else None  # [P, 1, M, K]
         finally:
             if self.record_routing:
