@@ -58,10 +58,10 @@ def test_buffered_decode_records_the_same_routing():
 
 
 def test_the_persistent_decode_batch_gives_the_step_what_a_full_rewrite_gives(monkeypatch):
-    """`DecodeBatch` advances the last step's rows when the batch is the same sequences, and the step copies the
-    block tables and temperatures only when they changed; at every step of a run with copies on write,
-    preemptions, sequences ending at EOS and others admitted, the device buffers the step reads hold what
-    writing the batch from scratch gives."""
+    """`DecodeBatch` advances the last step's rows when the batch is the same sequences or some of them (gathered
+    to the front), and the step copies the block tables and temperatures only when they changed; at every step
+    of a run with copies on write, preemptions, sequences ending at EOS and others admitted, the device buffers
+    the step reads hold what writing the batch from scratch gives."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -69,11 +69,12 @@ def test_the_persistent_decode_batch_gives_the_step_what_a_full_rewrite_gives(mo
     from grpo.rollout.cuda_graphs import DecodeGraphs
     from grpo.rollout.decode_batch import DecodeBatch
 
-    seen = {"steps": 0, "advanced": 0, "copies_skipped": 0}
+    seen = {"steps": 0, "advanced": 0, "gathered": 0, "copies_skipped": 0}
     write, run_step = DecodeBatch.write, DecodeGraphs.run
 
     def checked_write(self, seqs, sampled):
         seen["advanced"] += self.seqs == seqs and self.sampled == sampled
+        seen["gathered"] += 0 < len(seqs) < len(self.seqs) and {id(s) for s in seqs} <= {id(s) for s in self.seqs}
         fresh = SimpleNamespace(host_rows=np.zeros_like(self.rows), host_table_rows=np.zeros_like(self.tables),
                                 host_temperature_row=np.zeros_like(self.temperature))
         seen["fresh"] = (fresh, write(DecodeBatch(fresh, self.block_size), seqs, sampled)[0])
@@ -93,12 +94,12 @@ def test_the_persistent_decode_batch_gives_the_step_what_a_full_rewrite_gives(mo
 
     monkeypatch.setattr(DecodeBatch, "write", checked_write)
     monkeypatch.setattr(DecodeGraphs, "run", checked_run)
-    params = [SamplingParams(n=4, temperature=1.0, max_tokens=40, seed=1),  # ends at EOS now and then
+    params = [SamplingParams(n=4, temperature=0.8, max_tokens=40, seed=1),  # ends at EOS now and then
               SamplingParams(n=3, temperature=0, max_tokens=23, ignore_eos=True)]
     engine = Engine(tiny(), block_size=4, num_blocks=40, decode_path="buffers", sampler="counter", max_num_seqs=12)
     outs = engine.generate(PROMPTS[:2] * 2, params * 2)
     assert engine.last_stats["preemptions"] > 0 and "stop" in {c.finish_reason for o in outs for c in o.completions}
-    assert 0 < seen["copies_skipped"] < seen["advanced"] < seen["steps"]
+    assert 0 < seen["copies_skipped"] < seen["advanced"] < seen["steps"] and seen["gathered"] > 0
 
 
 def test_the_graph_a_batch_replays_is_found_by_its_padded_size():

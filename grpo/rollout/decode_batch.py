@@ -1,11 +1,13 @@
 """A decode step's inputs, kept in the decode graphs' pinned host buffers from one step to the next (a persistent
-batch, as vLLM's): while a step runs the same sequences as the last one, only what moved is written.
+batch, as vLLM's): while a step runs the same sequences as the last one, or some of them, only what moved is
+written.
 
-From one decode step to the next of the same sequences, each has exactly one new token, its position and draw
+From one decode step to the next, each sequence still running has exactly one new token, its position and draw
 index advance by one, and its block table changes only when that token starts a block (`BlockManager.
 prepare_append` appended one; a copy on write or a prefill in between makes the runner `forget` the batch, so
-every other change of a table comes with a full rewrite). The rows that are rewritten every step (ids, slots)
-are one NumPy operation each, not a Python loop over the sequences."""
+every other change of a table comes with a full rewrite). Sequences that left (finished, preempted, paused for a
+tool) take their rows with them: the rest are gathered to the front in one NumPy operation per buffer. The rows
+that are rewritten every step (ids, slots) are one NumPy operation each, not a Python loop over the sequences."""
 
 from __future__ import annotations
 
@@ -53,9 +55,30 @@ class DecodeBatch:
         if sampled == self.sampled and len(seqs) == len(self.seqs) and seqs == self.seqs:  # the same objects
             changed = self._advance(seqs)
             return self.width, changed, False
+        kept = self._rows_of(seqs) if sampled == self.sampled else None
+        if kept is not None:  # some of the last step's sequences left
+            self._keep(kept)
+            self.seqs = list(seqs)
+            self._advance(seqs)
+            return self.width, True, sampled
         self._rewrite(seqs, sampled)
         self.seqs, self.sampled = list(seqs), sampled
         return self.width, True, sampled
+
+    def _rows_of(self, seqs: list[Sequence]) -> np.ndarray | None:
+        """Each sequence's row in the last step, when all of `seqs` were in it (and fewer than it held); else None."""
+        if not seqs or len(seqs) >= len(self.seqs):
+            return None
+        row = {id(s): r for r, s in enumerate(self.seqs)}  # the last step's sequences are alive: ids are theirs
+        rows = [row.get(id(s), -1) for s in seqs]
+        return None if -1 in rows else np.array(rows)
+
+    def _keep(self, rows: np.ndarray) -> None:
+        """The last step's rows `rows`, gathered to the front in their new order."""
+        B = len(rows)
+        self.rows[:, :B] = self.rows[:, rows]
+        self.tables[:B, : self.width] = self.tables[rows, : self.width]
+        self.temperature[:B] = self.temperature[rows]
 
     def _rewrite(self, seqs: list[Sequence], sampled: bool) -> None:
         if any(s.num_tokens - s.num_cached != 1 for s in seqs):
@@ -83,11 +106,11 @@ class DecodeBatch:
         if self.sampled:
             rows[5, :B] += 1
         column = positions // bs
-        width = int(column.max()) + 1
-        changed = width > self.width
-        if changed:
+        width = int(column.max()) + 1  # the longest table (one that left may have been the longest)
+        changed = width != self.width
+        if width > self.width:
             self.tables[:B, self.width:width] = 0
-            self.width = width
+        self.width = width
         for b in np.flatnonzero(positions % bs == 0).tolist():  # the token starts a block: its table grew
             changed = True
             table, c = seqs[b].block_table, int(column[b])
