@@ -6,24 +6,28 @@ On a GPU a decode step is a CUDA graph replay plus this host path around it (ben
 replay and 4.11 ms inside the engine at batch 128); here the replay is replaced by a stub that returns a fixed
 output of the right shape at once, so what is left is the host path alone.
 
-What is timed: `Engine.generate` of B/8 prompts (32 random tokens each) x n=8 samples x `--tokens` new tokens
-(temperature 1, seeded, EOS ignored, so all B sequences decode every step), on the `micro` preset. Prefill runs
-the real model (it is not counted); every decode step's model work is the stub:
+What is timed: `Engine.generate` of B/8 prompts (32 random tokens each) x n=8 samples (temperature 1, seeded,
+EOS ignored) on the `micro` preset, in two workloads: "uniform", every sample `--tokens` long (all B sequences
+decode every step: the steady state), and "ragged", each sample its own length, spread evenly over
+[tokens/2, tokens) (from halfway on, sequences leave the batch one by one, as they do when samples end at EOS).
+Prefill runs the real model (it is not counted); every decode step's model work is the stub:
   - "buffers" (the CUDA-graph path's host logic, `ModelRunner(decode_path="buffers")`, with the GPU's counter
     sampler): `DecodeGraphs._step`, the computation a graph captures (model and sampler), returns a fixed
     [2, P] tokens/log-probs tensor, as a replay leaves its output in a static buffer;
   - "eager" (the CPU's path, with its default generator sampler): the model's `hidden_states` and `logits`
     return fixed tensors; the staging copy and the host sampler (over a 256-token vocabulary) still run.
-A step is the time from one `Scheduler.schedule` call to the next; the figure is the median over a run's
-decode steps (and the mean, which counts the last step's finishing work), then the median over repeats. A
-second, instrumented run per repeat splits a step into phases (own time of the engine's methods, mean per
-decode step, the last one left out); "loop" is what is left: `generate`'s own lines.
+A step is the time from one `Scheduler.schedule` call to the next; the figures are the median over a run's
+decode steps and the mean (which counts the last step's finishing work, and in "ragged" the shrinking batch),
+then the median of each over repeats. A second, instrumented run per repeat splits a step into phases (own time
+of the engine's methods, mean per decode step, the last one left out; the wrappers add about a microsecond per
+call, so the phases add up to a little more than a step); "loop" is what is left: `generate`'s own lines.
 
     python bench/engine_host.py [--batches 32,128,256] [--tokens 128] [--repeats 5] [--paths buffers,eager]
-                                [--threads 1] [--profile]
+                                [--workloads uniform,ragged] [--threads 1] [--profile]
 
-`--profile` also prints the functions the host spends most own time in (cProfile, one run at the largest
-batch, buffers path). Last line: one JSON object; `step_ms` is batch 128 on the buffers path."""
+`--profile` also prints the functions the host spends most own time in (cProfile, one uniform run at the
+largest batch, buffers path). Last line: one JSON object; `step_ms` is the uniform workload at batch 128 on the
+buffers path (median), `ragged_mean_step_ms` the ragged one (mean); `workloads` has every figure."""
 
 from __future__ import annotations
 
@@ -201,11 +205,23 @@ def make_engine(path: str, batch: int, tokens: int, clock_phases: list):
     return engine
 
 
-def run_once(engine, prompts, tokens: int, phases: bool, clock_phases: list) -> dict:
-    """One generate; its decode steps' median and mean (ms) and, with phases, each phase's mean (ms per step)."""
+def workload(batch: int, tokens: int, ragged: bool) -> tuple[list[list[int]], list]:
+    """batch/8 prompts x 8 samples (temperature 1, seeded, EOS ignored): every sample `tokens` long, or (ragged)
+    each its own length, spread evenly over [tokens/2, tokens) (identical prompts share their prefill and blocks,
+    so each group is still one prefill)."""
     from grpo.rollout import SamplingParams
 
-    params = SamplingParams(n=GROUP, temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0)
+    gen = torch.Generator().manual_seed(batch)
+    prompts = [torch.randint(3, VOCAB, (PROMPT_TOKENS,), generator=gen).tolist() for _ in range(max(1, batch // GROUP))]
+    if not ragged:
+        return prompts, [SamplingParams(n=GROUP, temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0)] * len(prompts)
+    rows = [p for p in prompts for _ in range(GROUP)]
+    return rows, [SamplingParams(temperature=1.0, max_tokens=tokens // 2 + j * (tokens - tokens // 2) // len(rows),
+                                 ignore_eos=True, seed=j) for j in range(len(rows))]
+
+
+def run_once(engine, prompts, params, phases: bool, clock_phases: list) -> dict:
+    """One generate; its decode steps' median and mean (ms) and, with phases, each phase's mean (ms per step)."""
     clock = StepClock(classes(), phases)
     clock_phases[:] = [clock] if phases else []
     try:
@@ -227,16 +243,15 @@ def run_once(engine, prompts, tokens: int, phases: bool, clock_phases: list) -> 
     return out
 
 
-def measure(path: str, batch: int, tokens: int, repeats: int) -> dict:
-    gen = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(3, VOCAB, (PROMPT_TOKENS,), generator=gen).tolist() for _ in range(max(1, batch // GROUP))]
+def measure(path: str, batch: int, tokens: int, repeats: int, ragged: bool) -> dict:
+    prompts, params = workload(batch, tokens, ragged)
     clock_phases: list = []
     engine = make_engine(path, batch, tokens, clock_phases)
-    run_once(engine, prompts, 4, False, clock_phases)  # warm-up: allocations, the first steps
+    run_once(engine, *workload(batch, 4, False), False, clock_phases)  # warm-up: allocations, the first steps
     plain, timed = [], []
     for _ in range(repeats):  # alternate, so a slow spell of the machine hits both alike
-        plain.append(run_once(engine, prompts, tokens, False, clock_phases))
-        timed.append(run_once(engine, prompts, tokens, True, clock_phases))
+        plain.append(run_once(engine, prompts, params, False, clock_phases))
+        timed.append(run_once(engine, prompts, params, True, clock_phases))
     phases = {k: round(statistics.median(r["phases_ms"][k] for r in timed), 4) for k in timed[0]["phases_ms"]}
     return {"batch": batch, "sampler": PATHS[path], "decode_steps": plain[0]["decode_steps"],
             "step_ms": round(statistics.median(r["median_ms"] for r in plain), 4),
@@ -250,13 +265,9 @@ def profile(path: str, batch: int, tokens: int, n: int = 15) -> list[dict]:
     import cProfile
     import pstats
 
-    from grpo.rollout import SamplingParams
-
-    gen = torch.Generator().manual_seed(batch)
-    prompts = [torch.randint(3, VOCAB, (PROMPT_TOKENS,), generator=gen).tolist() for _ in range(max(1, batch // GROUP))]
+    prompts, params = workload(batch, tokens, False)
     engine = make_engine(path, batch, tokens, [])
-    params = SamplingParams(n=GROUP, temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0)
-    engine.generate(prompts, SamplingParams(n=GROUP, max_tokens=4, ignore_eos=True, seed=0))
+    engine.generate(*workload(batch, 4, False))
     prof = cProfile.Profile()
     prof.enable()
     engine.generate(prompts, params)
@@ -273,6 +284,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per sequence (decode steps per run)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--paths", default="buffers,eager", help=f"comma-separated, of {', '.join(PATHS)}")
+    ap.add_argument("--workloads", default="uniform,ragged",
+                    help="comma-separated: uniform (all samples end together), ragged (each its own length)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="print the top functions (cProfile) of the buffers path")
     args = ap.parse_args()
@@ -281,35 +294,41 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = sorted(set(paths) - set(PATHS))
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = sorted(set(paths) - set(PATHS)) + sorted(set(workloads) - {"uniform", "ragged"})
     if unknown:
-        ap.error(f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+        ap.error(f"unknown {', '.join(unknown)}: --paths are {', '.join(PATHS)}; --workloads uniform, ragged")
     if any(b < 1 for b in batches) or args.tokens < 4 or args.repeats < 1:
         ap.error("--batches must be positive, --tokens at least 4, --repeats at least 1")
     cpu = cpu_info(args.threads)
     print(f"CPU: {describe(cpu)}, {args.threads} threads", flush=True)
 
-    results: dict[str, dict[str, dict]] = {}
-    for path in paths:
-        results[path] = {}
-        for batch in batches:
-            r = results[path][str(batch)] = measure(path, batch, args.tokens, args.repeats)
-            phases = "  ".join(f"{k} {v:.3f}" for k, v in r["phases_ms"].items())
-            print(f"{path:8} batch {batch:4}: {r['step_ms']:.3f} ms/step (median; mean {r['mean_step_ms']:.3f}; runs "
-                  f"{', '.join(f'{x:.3f}' for x in r['runs_step_ms'])})  phases: {phases}", flush=True)
+    results: dict[str, dict[str, dict[str, dict]]] = {w: {} for w in workloads}
+    for work in workloads:
+        for path in paths:
+            results[work][path] = {}
+            for batch in batches:
+                r = results[work][path][str(batch)] = measure(path, batch, args.tokens, args.repeats, work == "ragged")
+                phases = "  ".join(f"{k} {v:.3f}" for k, v in r["phases_ms"].items())
+                print(f"{work:8}{path:8} batch {batch:4}: {r['step_ms']:.3f} ms/step (median; mean "
+                      f"{r['mean_step_ms']:.3f}; runs {', '.join(f'{x:.3f}' for x in r['runs_step_ms'])})  "
+                      f"phases: {phases}", flush=True)
     top = None
     if args.profile:
         top = profile("buffers", max(batches), args.tokens)
         print(f"top functions (own time, buffers path, batch {max(batches)}, cProfile):")
         for row in top:
             print(f"  {row['ms_per_step']:8.4f} ms/step {row['calls']:8} calls  {row['function']}")
-    main_case = results.get("buffers", {}).get("128")
+
+    def main_case(work: str, key: str):
+        return results.get(work, {}).get("buffers", {}).get("128", {}).get(key)
+
     print(json.dumps({
-        "step_ms": main_case["step_ms"] if main_case else None,
+        "step_ms": main_case("uniform", "step_ms"), "ragged_mean_step_ms": main_case("ragged", "mean_step_ms"),
         "timed": "host time per decode step (model step stubbed: " + STUB[1] + "), median over decode steps, "
                  "median over repeats",
-        "paths": results, "tokens": args.tokens, "group": GROUP, "prompt_tokens": PROMPT_TOKENS, "model": "micro",
-        "repeats": args.repeats, "threads": args.threads, "cpu": cpu, "top_functions": top}))
+        "workloads": results, "tokens": args.tokens, "group": GROUP, "prompt_tokens": PROMPT_TOKENS,
+        "model": "micro", "repeats": args.repeats, "threads": args.threads, "cpu": cpu, "top_functions": top}))
 
 
 if __name__ == "__main__":
