@@ -71,6 +71,7 @@ class DecodeGraphs:
         self.host_rows, self.host_table_rows = self.host_inputs.numpy(), self.host_tables.numpy()
         self.host_temperature_row = self.host_temperature.numpy()
         self.padding = np.array([0, 0, scratch_block * block_size, 1, 0, 0, 1])[:, None]
+        self.host_out = torch.zeros(2 * B, dtype=torch.float64, pin_memory=pin)  # a sampled step's [2, P], read back
         # (padded size, sampled?) -> the graph and its output: logits [P, V], or [2, P] tokens and log-probs
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -120,8 +121,8 @@ class DecodeGraphs:
         block tables `width` columns wide). Pads the rest of the padded size, copies them to the device buffers
         (the tables and temperatures only when `tables`, `temperature`: False when the device's are the same as
         the last step's) and runs the step (replays its graph). Returns logits [batch, V] float32, or with
-        `sampled` the [2, batch] tokens and log-probs (float64) for `read_tokens`; a view of the graph's output,
-        valid until the next step."""
+        `sampled` the [2, padded size] tokens and log-probs (float64) for `read_tokens`; a view of the graph's
+        output, valid until the next step."""
         if self.max_batch < batch:
             raise ValueError(f"a decode step of {batch} sequences, but the graphs were sized for {self.max_batch}")
         if width > self.tables.shape[1]:
@@ -144,13 +145,14 @@ class DecodeGraphs:
                 self.graphs[key] = self._capture(size, sampled)
             graph, out = self.graphs[key]
             graph.replay()
-        return out[:, :batch] if sampled else out[:batch]
+        return out if sampled else out[:batch]
 
-    @staticmethod
-    def read_tokens(out: torch.Tensor) -> tuple[list[int], list[float]]:
-        """A sampled step's output [2, B] -> its tokens and log-probs, in the step's one device -> host copy."""
-        host = out.cpu()
-        return host[0].long().tolist(), host[1].tolist()
+    def read_tokens(self, out: torch.Tensor, batch: int) -> tuple[list[int], list[float]]:
+        """A sampled step's output [2, P] -> the first `batch` rows' tokens and log-probs, in the step's one
+        device -> host copy (all of it, contiguous, into pinned memory: no gather on the device first)."""
+        host = self.host_out[: out.numel()].view(out.shape)
+        host.copy_(out)
+        return host[0, :batch].long().tolist(), host[1, :batch].tolist()
 
     def _capture(self, size: int, sampled: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (Triton compiles, derived weights are made), then capture. The warm-up

@@ -200,7 +200,7 @@ class ModelRunner:
                 s.routing = [*s.routing, routing[b]]
         for s in seqs:
             s.num_cached = len(s.token_ids)
-        return graphs.read_tokens(out) if sampled else out
+        return graphs.read_tokens(out, len(seqs)) if sampled else out
 
     def decode_tokens(self, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
         """A decode step with the counter sampler (no filters) run on the device after it (in the same CUDA
