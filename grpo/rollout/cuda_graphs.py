@@ -71,7 +71,7 @@ class DecodeGraphs:
         self.host_rows, self.host_table_rows = self.host_inputs.numpy(), self.host_tables.numpy()
         self.host_temperature_row = self.host_temperature.numpy()
         self.padding = np.array([0, 0, scratch_block * block_size, 1, 0, 0, 1])[:, None]
-        self.host_out = torch.zeros(2 * B, dtype=torch.float64, pin_memory=pin)  # a sampled step's [2, P], read back
+        self.host_out = torch.zeros(2 * B, dtype=torch.float64, pin_memory=pin)  # a sampled step's [2, P] (on CUDA)
         # (padded size, sampled?) -> the graph and its output: logits [P, V], or [2, P] tokens and log-probs
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -149,9 +149,12 @@ class DecodeGraphs:
 
     def read_tokens(self, out: torch.Tensor, batch: int) -> tuple[list[int], list[float]]:
         """A sampled step's output [2, P] -> the first `batch` rows' tokens and log-probs, in the step's one
-        device -> host copy (all of it, contiguous, into pinned memory: no gather on the device first)."""
-        host = self.host_out[: out.numel()].view(out.shape)
-        host.copy_(out)
+        device -> host copy (all of it, contiguous, into pinned memory: no gather on the device first; on a CPU
+        the output is read where it is)."""
+        host = out
+        if out.device.type != "cpu":
+            host = self.host_out[: out.numel()].view(out.shape)
+            host.copy_(out)
         return host[0, :batch].long().tolist(), host[1, :batch].tolist()
 
     def _capture(self, size: int, sampled: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

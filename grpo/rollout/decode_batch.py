@@ -35,7 +35,7 @@ class DecodeBatch:
     """Writes decode steps into `graphs`' host buffers (`DecodeGraphs.run` pads, copies and runs them)."""
 
     def __init__(self, graphs: DecodeGraphs, block_size: int):
-        self.graphs, self.block_size = graphs, block_size
+        self.block_size = block_size
         self.rows = graphs.host_rows  # [ROWS, P] int64: ids, positions, slots, lengths, seeds, draws, greedy
         self.tables = graphs.host_table_rows  # [P, W] int32
         self.temperature = graphs.host_temperature_row  # [P] float32
@@ -97,7 +97,8 @@ class DecodeBatch:
             rows[6, :B] = [s.params.greedy for s in seqs]
 
     def _advance(self, seqs: list[Sequence]) -> bool:
-        """The same sequences as the last step, one token further. Returns whether a block table changed."""
+        """The last step's sequences (or those still running, gathered to the front), one token further. Returns
+        whether a block table changed."""
         B, rows, bs = len(seqs), self.rows, self.block_size
         rows[0, :B] = [s.token_ids[-1] for s in seqs]
         positions = rows[1, :B]
