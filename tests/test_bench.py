@@ -69,3 +69,16 @@ def test_gpu_bench_on_a_cpu_checks_correctness_and_survives_a_failing_section():
     assert result["sections"]["train"] is None and "on purpose" in result["failed"]["train"]
     assert result["sections"]["grpo"] is None and "--tiny" in result["failed"]["grpo"]
     assert set(result["failed"]) == {"train", "grpo"}
+
+
+def test_engine_host_bench_times_a_decode_steps_host_path_and_its_phases():
+    result = run_bench("engine_host.py", "--batches", "8", "--tokens", "6", "--repeats", "1")
+    assert result["step_ms"] is None and result["ragged_mean_step_ms"] is None  # batch 128 was not asked for
+    for work in ("uniform", "ragged"):
+        for path, sampler in (("buffers", "counter"), ("eager", "generator")):
+            r = result["workloads"][work][path]["8"]
+            assert r["batch"] == 8 and r["sampler"] == sampler and r["decode_steps"] == (5 if work == "uniform" else 4)
+            assert r["step_ms"] > 0 and r["mean_step_ms"] > 0 and len(r["runs_step_ms"]) == 1
+            assert {"schedule", "inputs", "model", "append", "loop"} <= set(r["phases_ms"])
+        assert "readback" in result["workloads"][work]["buffers"]["8"]["phases_ms"]
+    assert "stubbed" in result["timed"] and result["cpu"]["model"] and result["threads"] == 1

@@ -57,6 +57,51 @@ def test_buffered_decode_records_the_same_routing():
         assert torch.equal(a.routed_experts, b.routed_experts)
 
 
+def test_the_persistent_decode_batch_gives_the_step_what_a_full_rewrite_gives(monkeypatch):
+    """`DecodeBatch` advances the last step's rows when the batch is the same sequences or some of them (gathered
+    to the front), and the step copies the block tables and temperatures only when they changed; at every step
+    of a run with copies on write, preemptions, sequences ending at EOS and others admitted, the device buffers
+    the step reads hold what writing the batch from scratch gives."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from grpo.rollout.cuda_graphs import DecodeGraphs
+    from grpo.rollout.decode_batch import DecodeBatch
+
+    seen = {"steps": 0, "advanced": 0, "gathered": 0, "copies_skipped": 0}
+    write, run_step = DecodeBatch.write, DecodeGraphs.run
+
+    def checked_write(self, seqs, sampled):
+        seen["advanced"] += self.seqs == seqs and self.sampled == sampled
+        seen["gathered"] += 0 < len(seqs) < len(self.seqs) and {id(s) for s in seqs} <= {id(s) for s in self.seqs}
+        fresh = SimpleNamespace(host_rows=np.zeros_like(self.rows), host_table_rows=np.zeros_like(self.tables),
+                                host_temperature_row=np.zeros_like(self.temperature))
+        seen["fresh"] = (fresh, write(DecodeBatch(fresh, self.block_size), seqs, sampled)[0])
+        return write(self, seqs, sampled)
+
+    def checked_run(self, batch, width, sampled, tables=True, temperature=True):
+        out = run_step(self, batch, width, sampled, tables, temperature)
+        fresh, fresh_width = seen["fresh"]
+        assert width == fresh_width
+        rows = 7 if sampled else 4
+        assert np.array_equal(self.inputs[:rows, :batch].numpy(), fresh.host_rows[:rows, :batch])
+        assert np.array_equal(self.tables[:batch, :width].numpy(), fresh.host_table_rows[:batch, :width])
+        assert not sampled or np.array_equal(self.temperature[:batch].numpy(), fresh.host_temperature_row[:batch])
+        seen["steps"] += 1
+        seen["copies_skipped"] += not tables
+        return out
+
+    monkeypatch.setattr(DecodeBatch, "write", checked_write)
+    monkeypatch.setattr(DecodeGraphs, "run", checked_run)
+    params = [SamplingParams(n=4, temperature=0.8, max_tokens=40, seed=1),  # ends at EOS now and then
+              SamplingParams(n=3, temperature=0, max_tokens=23, ignore_eos=True)]
+    engine = Engine(tiny(), block_size=4, num_blocks=40, decode_path="buffers", sampler="counter", max_num_seqs=12)
+    outs = engine.generate(PROMPTS[:2] * 2, params * 2)
+    assert engine.last_stats["preemptions"] > 0 and "stop" in {c.finish_reason for o in outs for c in o.completions}
+    assert 0 < seen["copies_skipped"] < seen["advanced"] < seen["steps"] and seen["gathered"] > 0
+
+
 def test_the_graph_a_batch_replays_is_found_by_its_padded_size():
     runner = ModelRunner(tiny(), 8, 16, decode_path="buffers")
     graphs = runner.decode_graphs

@@ -73,13 +73,16 @@ class BlockManager:
                 self.free_blocks.append(block)
         seq.block_table = []
 
-    def blocks_to_append(self, seq: Sequence) -> int:
-        """Blocks `seq` needs before its next token's latent is written: a new one when the token starts a
-        block, or a private copy when it lands in a block another sequence shares."""
-        position = seq.num_cached
-        if position // self.block_size >= len(seq.block_table):
-            return 1
-        return 1 if self.ref_count[seq.block_table[position // self.block_size]] > 1 else 0
+    def growing(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Those of `seqs` that need a block before their next token's latent is written: a new one when the
+        token starts a block, or a private copy when it lands in a block another sequence shares (one pass, so
+        a decode step prepares only them)."""
+        bs, ref, out = self.block_size, self.ref_count, []
+        for seq in seqs:
+            index, table = seq.num_cached // bs, seq.block_table
+            if index >= len(table) or ref[table[index]] > 1:
+                out.append(seq)
+        return out
 
     def prepare_append(self, seq: Sequence) -> tuple[int, int] | None:
         """Makes the slot for `seq`'s next token writable. Returns (src, dst) when a shared block was

@@ -6,12 +6,12 @@ layer over the paged latent pool through `model.kernels`, the LM head) is captur
 size of a ladder, and each step then copies its inputs into the buffers the graph reads and replays it.
 
 - Inputs live in one device buffer per kind (ids, positions, slots, lengths, block tables), sized for the
-  largest batch; a step writes them from one pinned host staging copy (host -> device, no sync). Rows past
-  the real batch are padding: token 0 at position 0, written to and read from a scratch block that no
-  sequence owns.
+  largest batch, and in pinned host buffers of the same shapes that `DecodeBatch` (decode_batch.py) keeps
+  from step to step; a step copies them host -> device (no sync). Rows past the real batch are padding:
+  token 0 at position 0, written to and read from a scratch block that no sequence owns.
 - Graphs are captured lazily, the first time a padded size is met, and all share one memory pool. Where the
-  rows sample with the counter sampler and no filters, the sampler is in the graph too (`tokens`), and a
-  step's only device -> host copy is its tokens and their log-probs.
+  rows sample with the counter sampler and no filters, the sampler is in the graph too (`run(sampled=True)`),
+  and a step's only device -> host copy is its tokens and their log-probs (`read_tokens`).
 - A graph reads the weights at the addresses they had when it was captured. At every `generate` the weights
   derived from the parameters (MLA's absorbed projections, stacked MLP weights) are remade in place, since an
   optimizer step may have moved the parameters (fused AdamW leaves no trace in their version counters); if a
@@ -21,6 +21,7 @@ size of a ladder, and each step then copies its inputs into the buffers the grap
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from model import CausalLM, LatentCache, kernels
@@ -66,6 +67,11 @@ class DecodeGraphs:
         self.host_inputs = torch.zeros(len(ROWS), B, dtype=torch.int64, pin_memory=pin)
         self.host_temperature = torch.ones(B, dtype=torch.float32, pin_memory=pin)
         self.host_tables = torch.zeros(B, W, dtype=torch.int32, pin_memory=pin)
+        # NumPy views of the same host memory: rows are written from Python lists at NumPy's speed, not torch's
+        self.host_rows, self.host_table_rows = self.host_inputs.numpy(), self.host_tables.numpy()
+        self.host_temperature_row = self.host_temperature.numpy()
+        self.padding = np.array([0, 0, scratch_block * block_size, 1, 0, 0, 1])[:, None]
+        self.host_out = torch.zeros(2 * B, dtype=torch.float64, pin_memory=pin)  # a sampled step's [2, P] (on CUDA)
         # (padded size, sampled?) -> the graph and its output: logits [P, V], or [2, P] tokens and log-probs
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -109,58 +115,47 @@ class DecodeGraphs:
                                                   self.inputs[5, :size], self.inputs[6, :size] != 0)
         return torch.stack([tokens.double(), logprobs.double()])
 
-    def logits(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """One decode step of B sequences: each one's last token, its position, its cache slot and its block
-        table -> logits [B, V] float32 (a view of the graph's output, valid until the next step)."""
-        return self._run(ids, positions, slots, tables, None)[: len(ids)]
-
-    def tokens(self, ids: list[int], positions: list[int], slots: list[int], tables: list[list[int]],
-               temperature: list[float], seeds: list[int], draws: list[int], greedy: list[bool]
-               ) -> tuple[list[int], list[float]]:
-        """One decode step and the counter sampler (no filters) in the same graph: the sequences' next tokens and
-        their log-probs, in one copy to the host. temperature: each row's (1 for greedy rows); seeds, draws:
-        each row's stream seed and the index of the token it draws (`model.kernels.counter_sample`)."""
-        out = self._run(ids, positions, slots, tables, (temperature, seeds, draws, greedy))
-        both = out[:, : len(ids)].tolist()
-        return [int(t) for t in both[0]], both[1]
-
-    def _run(self, ids, positions, slots, tables, sampling) -> torch.Tensor:
-        B = len(ids)
-        if self.max_batch < B:
-            raise ValueError(f"a decode step of {B} sequences, but the graphs were sized for {self.max_batch}")
-        size = padded_size(B)
-        width = max(len(t) for t in tables)
+    def run(self, batch: int, width: int, sampled: bool, tables: bool = True, temperature: bool = True) -> torch.Tensor:
+        """One decode step of the `batch` sequences whose inputs are in the host buffers' first rows (written by
+        `DecodeBatch`: ids, positions, slots, lengths, and with `sampled` the sampler's rows and temperatures;
+        block tables `width` columns wide). Pads the rest of the padded size, copies them to the device buffers
+        (the tables and temperatures only when `tables`, `temperature`: False when the device's are the same as
+        the last step's) and runs the step (replays its graph). Returns logits [batch, V] float32, or with
+        `sampled` the [2, padded size] tokens and log-probs (float64) for `read_tokens`; a view of the graph's
+        output, valid until the next step."""
+        if self.max_batch < batch:
+            raise ValueError(f"a decode step of {batch} sequences, but the graphs were sized for {self.max_batch}")
         if width > self.tables.shape[1]:
             raise ValueError(f"a block table of {width} blocks, but the graphs were sized for {self.tables.shape[1]}")
-        host = self.host_inputs
-        sampled = sampling is not None
-        rows = [ids, positions, slots]
-        if sampled:
-            temperature, seeds, draws, greedy = sampling
-            rows += [seeds, draws, greedy]
-            self.host_temperature[:B] = torch.tensor(temperature)
-            self.host_temperature[B:size] = 1.0
-        filled = torch.tensor(rows)  # one conversion from Python for all rows
-        host[:3, :B] = filled[:3]
-        host[3, :B] = host[1, :B] + 1
-        if sampled:
-            host[4:, :B] = filled[3:]
+        size = padded_size(batch)
         # padding: token 0 at position 0, in the scratch block; a greedy draw
-        host[:, B:size] = torch.tensor([0, 0, self.scratch_block * self.block_size, 1, 0, 0, 1])[:, None]
-        self.host_tables[:B, :width] = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        self.host_tables[B:size, 0] = self.scratch_block
-        self.inputs[:, :size].copy_(host[:, :size], non_blocking=True)
-        self.tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
-        if sampled:
+        self.host_rows[:, batch:size] = self.padding
+        self.host_table_rows[batch:size, 0] = self.scratch_block
+        self.inputs[:, :size].copy_(self.host_inputs[:, :size], non_blocking=True)
+        if tables:
+            self.tables[:size, :width].copy_(self.host_tables[:size, :width], non_blocking=True)
+        if sampled and temperature:
+            self.host_temperature_row[batch:size] = 1.0
             self.temperature[:size].copy_(self.host_temperature[:size], non_blocking=True)
         if not self.capture:
-            return self._step(size, sampled, width)
-        key = (size, sampled)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(size, sampled)
-        graph, out = self.graphs[key]
-        graph.replay()
-        return out
+            out = self._step(size, sampled, width)
+        else:
+            key = (size, sampled)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(size, sampled)
+            graph, out = self.graphs[key]
+            graph.replay()
+        return out if sampled else out[:batch]
+
+    def read_tokens(self, out: torch.Tensor, batch: int) -> tuple[list[int], list[float]]:
+        """A sampled step's output [2, P] -> the first `batch` rows' tokens and log-probs, in the step's one
+        device -> host copy (all of it, contiguous, into pinned memory: no gather on the device first; on a CPU
+        the output is read where it is)."""
+        host = out
+        if out.device.type != "cpu":
+            host = self.host_out[: out.numel()].view(out.shape)
+            host.copy_(out)
+        return host[0, :batch].long().tolist(), host[1, :batch].tolist()
 
     def _capture(self, size: int, sampled: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (Triton compiles, derived weights are made), then capture. The warm-up

@@ -107,6 +107,9 @@ class Engine:
             eos = cfg.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.last_stats: dict[str, int] = {}
+        # Per call of generate: the tokens that end a sequence, per SamplingParams (by id); whether any filters.
+        self._ends: dict[int, frozenset[int]] = {}
+        self._filters = False
 
     #: It generates with the model object it was given, so the trainer's optimizer steps need no push.
     runs_model_in_place = True
@@ -160,6 +163,9 @@ class Engine:
             raise ValueError("stop strings need a tokenizer: Engine(model, tokenizer)")
 
         self.block_manager = BlockManager(self.num_blocks, self.block_size)
+        self._ends = {id(sp): frozenset(sp.stop_token_ids) | (frozenset() if sp.ignore_eos else frozenset(self.eos_ids))
+                      for sp in params_list}
+        self._filters = any(sp.filters for sp in params_list)
         self._refresh_copy()
         self.runner.reset()  # the trainer may have stepped the weights since the last call
         scheduler = Scheduler(self.block_manager, self.max_num_seqs, self.max_prefill_tokens)
@@ -179,10 +185,7 @@ class Engine:
             self.runner.copy_blocks(copies)
             steps += 1
             if not prefill and self._samples_on_device(batch):
-                tokens, logprobs = self.runner.decode_tokens(
-                    batch, [s.params.temperature if s.params.temperature > 0 else 1.0 for s in batch],
-                    [s.seed or 0 for s in batch], [s.num_completion_tokens for s in batch],
-                    [s.params.greedy for s in batch])
+                tokens, logprobs = self.runner.decode_tokens(batch)
                 self._append(batch, tokens, logprobs, scheduler, outputs, bar, episodes)
                 continue
             if prefill:
@@ -210,6 +213,7 @@ class Engine:
             tokens, logprobs = self._sample(logits if rows == list(range(len(batch))) else logits[rows], seqs)
             self._append(seqs, tokens, logprobs, scheduler, outputs, bar, episodes)
         bar.close()
+        self.runner.forget_batch()  # its persistent decode batch holds the last step's sequences
         self.last_stats = {"steps": steps, "preemptions": scheduler.num_preemptions,
                            "blocks_allocated": self.block_manager.blocks_allocated, "prefill_tokens": prefill_tokens}
         return outputs
@@ -219,31 +223,39 @@ class Engine:
                 outputs: list[RequestOutput], bar, episodes) -> None:
         """Each sequence takes its new token; the finished ones leave the scheduler for their output slot, and
         (episodes) those that completed a tool call pause, get its output appended and resume or finish."""
-        paused: list[Sequence] = []
         for seq, token, logprob in zip(seqs, tokens, logprobs):
             seq.append(token, logprob)
-            reason = self._finish_reason(seq) or (episodes.on_token(seq) if episodes is not None else None)
+        ended = self._finished(seqs)
+        if episodes is None:
+            for i, reason in ended:
+                self._finish(seqs[i], reason, scheduler, outputs, bar)
+            return
+        reasons = dict(ended)
+        paused: list[Sequence] = []
+        for i, seq in enumerate(seqs):
+            reason = reasons.get(i) or episodes.on_token(seq)
             if reason == PAUSE:
                 scheduler.pause(seq)
                 paused.append(seq)
             elif reason:
-                scheduler.finish(seq, reason)
-                outputs[seq.request_index].completions[seq.sample_index] = self._completion(seq)
-                bar.update(1)
+                self._finish(seq, reason, scheduler, outputs, bar)
         if paused:
-            for seq, reason in zip(paused, episodes.resume(paused)):  # type: ignore[union-attr]
+            for seq, reason in zip(paused, episodes.resume(paused)):
                 if reason:
-                    scheduler.finish(seq, reason)
-                    outputs[seq.request_index].completions[seq.sample_index] = self._completion(seq)
-                    bar.update(1)
+                    self._finish(seq, reason, scheduler, outputs, bar)
                 else:
                     scheduler.resume(seq)
+
+    def _finish(self, seq: Sequence, reason: str, scheduler: Scheduler, outputs: list[RequestOutput], bar) -> None:
+        scheduler.finish(seq, reason)
+        outputs[seq.request_index].completions[seq.sample_index] = self._completion(seq)
+        bar.update(1)
 
     def _samples_on_device(self, batch: list[Sequence]) -> bool:
         """Whether a decode step of `batch` samples inside the decode graph: the counter sampler, the buffered
         paths, and no top-k/top-p/min-p filter in the batch (those sample from the logits, as on a CPU)."""
         return (self.sampler == "counter" and self.runner.decode_graphs is not None
-                and not any(s.params.filters for s in batch))
+                and not (self._filters and any(s.params.filters for s in batch)))
 
     def _check_fits(self, index: int, prompt_len: int, sp: SamplingParams) -> None:
         if prompt_len == 0:
@@ -275,17 +287,31 @@ class Engine:
                                         dtype=torch.int64).to(logits.device, non_blocking=True)
         return sample(logits, params, seeds=seeds, positions=positions)
 
-    def _finish_reason(self, seq: Sequence) -> str | None:
-        sp, token = seq.params, seq.token_ids[-1]
-        if token in sp.stop_token_ids or (not sp.ignore_eos and token in self.eos_ids):
-            return "stop"
-        if sp.stop:
+    def _finished(self, seqs: list[Sequence]) -> list[tuple[int, str]]:
+        """The sequences that their last token ended, as (index in seqs, reason), in order: "stop" for a stop
+        token, EOS (unless ignored) or a stop string in the completion's text, else "length" at max_tokens.
+        One pass with the ending tokens looked up per SamplingParams; the texts decoded only for stop strings."""
+        ended: list[tuple[int, str]] = []
+        texts: list[int] = []
+        ends = self._ends
+        for i, seq in enumerate(seqs):
+            sp = seq.params
+            if seq.token_ids[-1] in ends[id(sp)]:
+                ended.append((i, "stop"))
+            elif sp.stop:
+                texts.append(i)
+            elif len(seq.token_ids) - seq.prompt_len >= sp.max_tokens:
+                ended.append((i, "length"))
+        for i in texts:
+            seq = seqs[i]
             text = self.tokenizer.decode(seq.completion_ids)
-            if any(s in text for s in sp.stop):
-                return "stop"
-        if seq.num_completion_tokens >= sp.max_tokens:
-            return "length"
-        return None
+            if any(s in text for s in seq.params.stop):
+                ended.append((i, "stop"))
+            elif seq.num_completion_tokens >= seq.params.max_tokens:
+                ended.append((i, "length"))
+        if texts:
+            ended.sort()
+        return ended
 
     def _completion(self, seq: Sequence) -> Completion:
         text = self.tokenizer.decode(seq.completion_ids) if self.tokenizer is not None else None

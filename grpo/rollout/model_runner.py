@@ -4,12 +4,14 @@ scheduling decisions."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from model import CacheView, CausalLM, LatentCache
 from model.cache import PagedCacheView, StagedCacheView
 
 from .cuda_graphs import DecodeGraphs
+from .decode_batch import DecodeBatch, write_block_tables
 from .sequence import Sequence
 
 DECODE_PATHS = ("eager", "buffers", "graphs")
@@ -20,6 +22,7 @@ class ModelRunner:
       "eager":   the CPU's path: inputs built per step, the context staged (or read in place by the compiled
                  step's paged kernel);
       "buffers": inputs in persistent device buffers, a step free of host syncs (`CausalLM.decode_logits`);
+                 the host side of its inputs kept from step to step (`DecodeBatch`);
       "graphs":  "buffers" captured in CUDA graphs (`DecodeGraphs`), the CUDA default. Recording routing
                  runs it uncaptured (the recorded experts are read per step).
     max_batch, max_blocks: the most sequences a step holds and blocks a sequence holds (the buffers' sizes)."""
@@ -42,10 +45,12 @@ class ModelRunner:
                                  dtype or model.lm_head.weight.dtype, device,
                                  zeroed=False)  # every slot is written before it is read; padding reads slot 0
         self.decode_graphs: DecodeGraphs | None = None
+        self.decode_batch: DecodeBatch | None = None  # the buffered paths' inputs, kept from step to step
         if decode_path != "eager":
             max_blocks = max_blocks or -(-model.config.max_position_embeddings // block_size)
             self.decode_graphs = DecodeGraphs(model, self.cache, block_size, max_batch, max_blocks, num_blocks,
                                               capture=decode_path == "graphs" and not record_routing)
+            self.decode_batch = DecodeBatch(self.decode_graphs, block_size)
         self.stage_headroom = 64  # decode steps a staging copy lasts before it is regathered
         self._stage_key: list[int] = []
         self._staging: torch.Tensor | None = None
@@ -55,23 +60,33 @@ class ModelRunner:
         trainer may have stepped them); the decode graphs remake theirs in place and keep their captures
         unless a parameter moved (`DecodeGraphs.refresh`)."""
         self._stage_key, self._staging = [], None
+        self.forget_batch()
         if self.decode_graphs is not None:
             self.decode_graphs.model = self.model
             self.decode_graphs.refresh()
         else:
             self.model.forget_derived_weights()
 
+    def forget_batch(self) -> None:
+        """The next buffered decode step rewrites all its inputs (`DecodeBatch.forget`); at the end of a generate,
+        this drops the batch's last sequences."""
+        if self.decode_batch is not None:
+            self.decode_batch.forget()
+
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: block src's latents (all layers) into block dst."""
         bs = self.block_size
+        if copies:
+            self.forget_batch()  # a table changed inside: rewrite the rows
         for src, dst in copies:
             self.cache.data[:, dst * bs:(dst + 1) * bs] = self.cache.data[:, src * bs:(src + 1) * bs]
 
     @staticmethod
     def _block_tables(seqs: list[Sequence], dtype: torch.dtype = torch.long) -> torch.Tensor:
         """[B, W] each sequence's blocks, padded with block 0 to the longest table."""
-        width = max(len(s.block_table) for s in seqs)
-        return torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=dtype)
+        out = np.zeros((len(seqs), max(len(s.block_table) for s in seqs)), np.int32 if dtype == torch.int32 else np.int64)
+        write_block_tables(seqs, out)
+        return torch.from_numpy(out)
 
     def _slots(self, seqs: list[Sequence], positions: torch.Tensor) -> torch.Tensor:
         """positions [B, T] (-1: none) -> cache slots [B, T] (-1 where position is -1)."""
@@ -105,20 +120,16 @@ class ModelRunner:
         return PagedCacheView(self.cache, slots, None, block_tables=tables, lengths=lengths,  # type: ignore[arg-type]
                               block_size=self.block_size, max_length=S)
 
-    def _decode_lists(self, seqs: list[Sequence]) -> tuple[list[int], list[int], list[int]]:
-        """A decode step's ids, positions and cache slots, one per sequence, worked out in Python (one small
-        tensor each later, instead of a tensor op per sequence)."""
+    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A decode step's ids, positions and cache slots [B, 1] (worked out in Python, one conversion for the
+        three; the buffered paths keep theirs from step to step instead, `DecodeBatch`)."""
         if any(s.num_tokens - s.num_cached != 1 for s in seqs):
             raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
         bs = self.block_size
-        positions = [s.num_tokens - 1 for s in seqs]
+        positions = [s.num_cached for s in seqs]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
-        return [s.token_ids[-1] for s in seqs], positions, slots
-
-    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """A decode step's ids, positions and cache slots [B, 1]."""
-        ids, positions, slots = self._decode_lists(seqs)
-        return torch.tensor(ids)[:, None], torch.tensor(positions)[:, None], torch.tensor(slots)[:, None]
+        ids, positions_, slots_ = torch.from_numpy(np.array([[s.token_ids[-1] for s in seqs], positions, slots]))[:, :, None]
+        return ids, positions_, slots_
 
     @torch.no_grad()
     def forward(self, seqs: list[Sequence], prefill: bool) -> torch.Tensor:
@@ -139,6 +150,7 @@ class ModelRunner:
             view: CacheView = CacheView(self.cache, self._slots(seqs, positions).to(device),
                                         self._context_slots(seqs, S).to(device))
             self._stage_key = []  # the staging copy lacks what this prefill writes (e.g. a resumed sequence's)
+            self.forget_batch()  # the tables and tokens may have changed in any way
         else:
             ids, positions, slots = self._decode_inputs(seqs)
             compiled = self.model.compiled_decode
@@ -160,39 +172,40 @@ class ModelRunner:
             last = hidden[torch.arange(len(seqs)), torch.tensor(lens) - torch.tensor(starts) - 1]  # [B, D]
         else:
             last = hidden[:, 0]
-        for b, (s, c, n) in enumerate(zip(seqs, starts, lens)):
-            if routing is not None:
+        if routing is not None:
+            for b, (s, c, n) in enumerate(zip(seqs, starts, lens)):
                 chunk = routing[b, : n - c].to(torch.int16).cpu()
                 s.routing = [chunk] if c == 0 else [*s.routing, chunk]  # c == 0: a (re)computed prefill
-            s.num_cached = s.num_tokens
+        for s, n in zip(seqs, lens):
+            s.num_cached = n
         return self.model.logits(last).float()
 
-    def _decode_buffered(self, seqs: list[Sequence], sampling: tuple | None = None):
-        """A decode step through the persistent buffers (and CUDA graphs): logits [B, V] float32, or with
-        `sampling` (`DecodeGraphs.tokens`' sampler inputs) the sampled tokens and log-probs."""
-        inputs = (*self._decode_lists(seqs), [s.block_table for s in seqs])
-        graphs = self.decode_graphs
-        assert graphs is not None
+    def _decode_buffered(self, seqs: list[Sequence], sampled: bool = False):
+        """A decode step through the persistent buffers (and CUDA graphs): logits [B, V] float32, or `sampled`
+        (the counter sampler in the step, `decode_tokens`) the sampled tokens and log-probs."""
+        graphs, batch = self.decode_graphs, self.decode_batch
+        assert graphs is not None and batch is not None
+        width, tables, temperature = batch.write(seqs, sampled)
         if self.record_routing:
             self.model.record_routing(True)
         try:
-            out = graphs.logits(*inputs) if sampling is None else graphs.tokens(*inputs, *sampling)
+            out = graphs.run(len(seqs), width, sampled, tables, temperature)
             routing = self.model.recorded_routing() if self.record_routing else None  # [P, 1, M, K]
         finally:
             if self.record_routing:
                 self.model.record_routing(False)
         if routing is not None:
             routing = routing[: len(seqs)].to(torch.int16).cpu()
-        for b, s in enumerate(seqs):
-            if routing is not None:
+            for b, s in enumerate(seqs):
                 s.routing = [*s.routing, routing[b]]
-            s.num_cached = s.num_tokens
-        return out
+        for s in seqs:
+            s.num_cached = len(s.token_ids)
+        return graphs.read_tokens(out, len(seqs)) if sampled else out
 
-    def decode_tokens(self, seqs: list[Sequence], temperature: list[float], seeds: list[int], draws: list[int],
-                      greedy: list[bool]) -> tuple[list[int], list[float]]:
+    def decode_tokens(self, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
         """A decode step with the counter sampler (no filters) run on the device after it (in the same CUDA
-        graph): the sequences' next tokens and their log-probs. Needs the buffered or graphs path."""
+        graph), each sequence drawing with its own temperature, seed and draw index: their next tokens and
+        their log-probs. Needs the buffered or graphs path."""
         if self.decode_graphs is None:
             raise RuntimeError("decode_tokens needs decode_path 'buffers' or 'graphs'")
-        return self._decode_buffered(seqs, (temperature, seeds, draws, greedy))
+        return self._decode_buffered(seqs, sampled=True)

@@ -77,8 +77,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
         if seeds is not None:
             noise = counter_exponential(seeds.to(probs.device), positions.to(probs.device), probs.shape[1])
         else:
-            noise = torch.stack([torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
-                                 for gen in generators])
+            noise = torch.empty(probs.shape, device=probs.device)
+            for row, gen in zip(noise.unbind(0), generators):  # type: ignore[arg-type]
+                row.exponential_(generator=gen)
         sampled = (probs / noise).argmax(dim=-1)
         tokens = torch.where(torch.tensor(greedy, device=tokens.device), tokens, sampled)
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]

@@ -75,13 +75,13 @@ class Scheduler:
         return True
 
     def _prepare_decode(self) -> tuple[list[Sequence], bool, list[tuple[int, int]]]:
-        while sum(self.blocks.blocks_to_append(s) for s in self.running) > self.blocks.num_free:
+        while len(growing := self.blocks.growing(self.running)) > self.blocks.num_free:
             if len(self.running) == 1:
                 if self._evict_waiting(None):  # paused sequences hold the blocks it needs
                     continue
                 raise MemoryError(f"{self.running[0]} cannot grow: the pool of {self.blocks.num_blocks} blocks is too small")
             self.preempt(self.running.pop())
-        copies = [c for s in self.running if (c := self.blocks.prepare_append(s)) is not None]
+        copies = [c for s in growing if (c := self.blocks.prepare_append(s)) is not None]
         return list(self.running), False, copies
 
     def preempt(self, seq: Sequence) -> None:
