@@ -15,7 +15,9 @@ The JSON names the CPU (bench/machine.py) and the threads.
 "ours" is our engine in its CPU mode (`Engine(compile=True)`, `rollout.compile: true` in a recipe): decode
 steps through graphs compiled ahead of time around our C++ kernels. The compile itself is not timed (it
 happens once per model shape and machine; it is cached on disk). "ours-eager" is the engine in plain
-PyTorch (`Engine(compile=False)`, the default, which needs no C++ compiler).
+PyTorch (`Engine(compile=False)`, the default, which needs no C++ compiler). "ours-eager-bf16" is that
+engine decoding a bfloat16 copy of the float32 model (`rollout.dtype: bfloat16`; its matmuls go through
+oneDNN, which uses AMX or AVX-512 BF16 where the CPU has them).
 
 Last line: one JSON object; the top-level figures are for the first workload (4 x 8 x 128), and
 `workloads` has every workload's figures and ratios."""
@@ -37,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 WORKLOADS = [(4, 8, 128), (16, 8, 256)]
-ENGINES = ["ours", "ours-eager", "transformers", "vllm-bfloat16", "vllm-float32"]  # ours: Engine(compile=True)
+ENGINES = ["ours", "ours-eager", "ours-eager-bf16", "transformers", "vllm-bfloat16", "vllm-float32"]
+OURS = ["ours", "ours-eager", "ours-eager-bf16"]  # ours: Engine(compile=True)
 PEERS = ["transformers", "vllm-bfloat16", "vllm-float32"]
 FAIL_ENV = "R1_BENCH_FAIL"  # set in a child by --fail-peer: it raises before doing anything
 
@@ -66,7 +69,8 @@ def run_one(engine: str, ckpt: str, num_prompts: int, n: int, new_tokens: int, t
 
         model = load_pretrained(ckpt).eval()
         # Compiling (or loading the cached packages) happens here, before the clock starts.
-        eng = Engine(model, cache_memory_bytes=1024**3, compile=engine == "ours")
+        eng = Engine(model, cache_memory_bytes=1024**3, compile=engine == "ours",
+                     dtype=torch.bfloat16 if engine.endswith("-bf16") else None)
 
         def go(tokens: int) -> int:
             out = eng.generate(prompts, SamplingParams(n=n, temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=0))
@@ -189,7 +193,7 @@ def main() -> None:
             if vllm_runs:  # vLLM at its best on this CPU
                 best = max(vllm_runs, key=lambda e: vllm_runs[e]["tokens_per_s"])
                 results[key]["vllm"] = {**vllm_runs[best], "dtype": best.removeprefix("vllm-")}
-            for ours in ("ours", "ours-eager"):
+            for ours in OURS:
                 for peer in ("transformers", "vllm"):
                     if ours in results[key] and peer in results[key]:
                         results[key][ours][f"speedup_vs_{peer}"] = round(
@@ -207,11 +211,11 @@ def main() -> None:
     def fig(e: str, k: str):
         return round(first[e][k], 1) if e in first else None
 
-    summary: dict = {f"{e.replace('-', '_')}_{k}": fig(e, k) for e in ("ours", "ours-eager", "transformers", "vllm")
+    summary: dict = {f"{e.replace('-', '_')}_{k}": fig(e, k) for e in (*OURS, "transformers", "vllm")
                      for k in ("tokens_per_s", "peak_rss_mb")}
     summary["vllm_dtype"] = first.get("vllm", {}).get("dtype")
     for peer in ("transformers", "vllm"):
-        for ours, prefix in (("ours", ""), ("ours-eager", "eager_")):
+        for ours, prefix in (("ours", ""), ("ours-eager", "eager_"), ("ours-eager-bf16", "eager_bf16_")):
             summary[f"{prefix}speedup_vs_{peer}"] = first.get(ours, {}).get(f"speedup_vs_{peer}")
     summary.update({"failed": failed, "workloads": results, "cpu": cpu, "threads": args.threads,
                     "repeats": args.repeats})
