@@ -238,14 +238,15 @@ def test_grpo_logprobs_run_the_chosen_triton_path(setting, module, device, monke
     torch.testing.assert_close(g_got, g_want, atol=2e-5, rtol=2e-5)
 
 
-def test_under_autocast_the_triton_paths_get_the_autocast_dtype_and_the_float32_weight_its_gradient(monkeypatch):
+def test_under_autocast_the_triton_paths_get_the_autocast_dtype_and_the_float32_weight_its_gradient(
+        device, monkeypatch):  # noqa: F811
     """model.dtype: bfloat16 trains under autocast over float32 master weights: the reference's matmul runs in
     bfloat16 there, so the Triton path must be handed bfloat16 too (in float32 its matmuls would run ~10x
     slower on a GPU), with d(W) still reaching the float32 weight."""
     from grpo.logprobs import token_logprobs_and_entropy
     from model.kernels import lm_head_chunked
 
-    hidden, weight, targets, _ = _inputs(12, 70, 16, torch.float32, "cpu")
+    hidden, weight, targets, _ = _inputs(12, 70, 16, torch.float32, device)
     seen = []
     entry = lm_head_chunked.lm_head_logprobs
     monkeypatch.setattr(lm_head_chunked, "lm_head_logprobs",
@@ -253,7 +254,7 @@ def test_under_autocast_the_triton_paths_get_the_autocast_dtype_and_the_float32_
     results = {}
     for setting in ("reference", "lm_head=chunked_triton"):
         monkeypatch.setenv("R1_GRPO_KERNELS", setting)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             lp, ent = token_logprobs_and_entropy(hidden, weight, targets, 0.9)
         results[setting] = (lp, ent, *torch.autograd.grad(lp.sum() + ent.sum(), [hidden, weight]))
     assert seen == [(torch.bfloat16, torch.bfloat16)]
