@@ -13,7 +13,7 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from .config import Recipe, RecipeError
 from .data import check_columns
 from .rollout.vllm_backend import DEFAULT_MAX_MODEL_LEN
 from .templates import encode_prompt, render_prompt
+
+if TYPE_CHECKING:
+    from .tools import Toolbox
 
 GB = 1e9  # decimal gigabytes: the docs do the same arithmetic
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -212,15 +215,13 @@ def warnings_for(recipe: Recipe) -> list[str]:
     return out
 
 
-def check_tools(recipe: Recipe, out: Callable[[str], Any] = print) -> list[str]:
-    """Print the recipe's tools (each one's call syntax, the episode limits) and run one trial call of each
-    code tool, as an episode would; returns the problems found (a trial call that errs or prints the wrong
-    thing: e.g. a sandbox that cannot start here)."""
-    from .build import build_toolbox
+def check_tools(recipe: Recipe, box: Toolbox, out: Callable[[str], Any] = print) -> list[str]:
+    """Print the recipe's tools (`box`, built from it: each one's call syntax, the episode limits) and run one
+    trial call of each code tool, as an episode would; returns the problems found (a trial call that errs or
+    prints the wrong thing: e.g. a sandbox that cannot start here)."""
     from .rollout.episodes import ToolCall
 
     t = recipe.tools
-    box = build_toolbox(recipe)
     out(f"tools: {', '.join(box.tools)}; at most {t.max_tool_calls} calls per completion, {t.timeout_s:g} s each, "
         f"{t.max_workers} at once, output cut at {t.max_output_chars} characters")
     problems = []
@@ -306,9 +307,7 @@ def dry_run(recipe: Recipe, gpu_memory_gb: float = 80.0, out: Callable[[str], An
         out(sandbox_description())
 
     # Tools: each resolves, and each code tool runs one trial call in its sandbox (what an episode will do).
-    problems_with_tools = []
-    if recipe.tools.names:
-        problems_with_tools = check_tools(recipe, out)
+    problems_with_tools = check_tools(recipe, box, out) if box is not None else []
 
     # Resources.
     mem = estimate_memory(cfg, size, recipe, longest)
