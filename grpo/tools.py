@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rewards.base import completion_text
 from rewards.code import SandboxLimits, run_program
 from rewards.registry import resolve
 
@@ -220,9 +221,9 @@ class Toolbox:
         """The ``tool_calls`` column rewards get, read from finished completions' text (per call its name,
         arguments, error and malformed flag; no output): for checking rewards on written completions, where
         no episode ran. `rewards.check_rewards(..., completion_columns=box.call_columns)`."""
-        texts = [c if isinstance(c, str) else "".join(m.get("content", "") for m in c) for c in completions]
         return {"tool_calls": [[{"name": c.name, "arguments": c.arguments, "error": c.error,
-                                 "malformed": c.error is not None} for c in self.calls_in(t)] for t in texts]}
+                                 "malformed": c.error is not None} for c in self.calls_in(completion_text(t))]
+                               for t in completions]}
 
     def render(self, call: ToolCall, result: ToolResult) -> str:
         syntax = self.tools[call.name].syntax if call.name in self.tools else TOOL_CALL_TAGS
