@@ -19,6 +19,12 @@ from .cuda_graphs import DecodeGraphs
 from .sequence import Sequence
 
 
+def check_one_new_token(seqs: list[Sequence]) -> None:
+    """A decode step feeds each sequence exactly its one uncached token."""
+    if any(s.num_tokens - s.num_cached != 1 for s in seqs):
+        raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
+
+
 def write_block_tables(seqs: list[Sequence], out: np.ndarray) -> int:
     """Writes each sequence's block table into a row of `out` [>= B, >= W], padded with block 0 to the longest
     table (one NumPy assignment, not a row at a time). Returns that width, W."""
@@ -81,8 +87,7 @@ class DecodeBatch:
         self.temperature[:B] = self.temperature[rows]
 
     def _rewrite(self, seqs: list[Sequence], sampled: bool) -> None:
-        if any(s.num_tokens - s.num_cached != 1 for s in seqs):
-            raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
+        check_one_new_token(seqs)
         B, rows, bs = len(seqs), self.rows, self.block_size
         rows[0, :B] = [s.token_ids[-1] for s in seqs]
         positions = rows[1, :B]

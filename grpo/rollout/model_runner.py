@@ -11,7 +11,7 @@ from model import CacheView, CausalLM, LatentCache
 from model.cache import PagedCacheView, StagedCacheView
 
 from .cuda_graphs import DecodeGraphs
-from .decode_batch import DecodeBatch, write_block_tables
+from .decode_batch import DecodeBatch, check_one_new_token, write_block_tables
 from .sequence import Sequence
 
 DECODE_PATHS = ("eager", "buffers", "graphs")
@@ -123,8 +123,7 @@ class ModelRunner:
     def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """A decode step's ids, positions and cache slots [B, 1] (worked out in Python, one conversion for the
         three; the buffered paths keep theirs from step to step instead, `DecodeBatch`)."""
-        if any(s.num_tokens - s.num_cached != 1 for s in seqs):
-            raise RuntimeError("a decode step feeds exactly one uncached token per sequence")
+        check_one_new_token(seqs)
         bs = self.block_size
         positions = [s.num_cached for s in seqs]
         slots = [s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)]
