@@ -15,9 +15,10 @@ The JSON names the CPU (bench/machine.py) and the threads.
 "ours" is our engine in its CPU mode (`Engine(compile=True)`, `rollout.compile: true` in a recipe): decode
 steps through graphs compiled ahead of time around our C++ kernels. The compile itself is not timed (it
 happens once per model shape and machine; it is cached on disk). "ours-eager" is the engine in plain
-PyTorch (`Engine(compile=False)`, the default, which needs no C++ compiler). "ours-eager-bf16" is that
-engine decoding a bfloat16 copy of the float32 model (`rollout.dtype: bfloat16`; its matmuls go through
-oneDNN, which uses AMX or AVX-512 BF16 where the CPU has them).
+PyTorch (`Engine(compile=False)`, the default, which needs no C++ compiler). "ours-bf16" and "ours-eager-bf16"
+are those two engines decoding a bfloat16 copy of the float32 model (`rollout.dtype: bfloat16`): the graphs'
+matmuls go through oneDNN, which uses AMX or AVX-512 BF16 where the CPU has them, and the compiled engine's
+attention kernel reads the bfloat16 cache (half the bytes).
 
 Last line: one JSON object; the top-level figures are for the first workload (4 x 8 x 128), and
 `workloads` has every workload's figures and ratios."""
@@ -39,8 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 WORKLOADS = [(4, 8, 128), (16, 8, 256)]
-ENGINES = ["ours", "ours-eager", "ours-eager-bf16", "transformers", "vllm-bfloat16", "vllm-float32"]
-OURS = ["ours", "ours-eager", "ours-eager-bf16"]  # ours: Engine(compile=True)
+ENGINES = ["ours", "ours-bf16", "ours-eager", "ours-eager-bf16", "transformers", "vllm-bfloat16", "vllm-float32"]
+OURS = ["ours", "ours-bf16", "ours-eager", "ours-eager-bf16"]  # ours, ours-bf16: Engine(compile=True)
 PEERS = ["transformers", "vllm-bfloat16", "vllm-float32"]
 FAIL_ENV = "R1_BENCH_FAIL"  # set in a child by --fail-peer: it raises before doing anything
 
@@ -69,7 +70,7 @@ def run_one(engine: str, ckpt: str, num_prompts: int, n: int, new_tokens: int, t
 
         model = load_pretrained(ckpt).eval()
         # Compiling (or loading the cached packages) happens here, before the clock starts.
-        eng = Engine(model, cache_memory_bytes=1024**3, compile=engine == "ours",
+        eng = Engine(model, cache_memory_bytes=1024**3, compile=engine in ("ours", "ours-bf16"),
                      dtype=torch.bfloat16 if engine.endswith("-bf16") else None)
 
         def go(tokens: int) -> int:
@@ -215,7 +216,8 @@ def main() -> None:
                      for k in ("tokens_per_s", "peak_rss_mb")}
     summary["vllm_dtype"] = first.get("vllm", {}).get("dtype")
     for peer in ("transformers", "vllm"):
-        for ours, prefix in (("ours", ""), ("ours-eager", "eager_"), ("ours-eager-bf16", "eager_bf16_")):
+        for ours, prefix in (("ours", ""), ("ours-bf16", "bf16_"), ("ours-eager", "eager_"),
+                             ("ours-eager-bf16", "eager_bf16_")):
             summary[f"{prefix}speedup_vs_{peer}"] = first.get(ours, {}).get(f"speedup_vs_{peer}")
     summary.update({"failed": failed, "workloads": results, "cpu": cpu, "threads": args.threads,
                     "repeats": args.repeats})

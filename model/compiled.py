@@ -55,27 +55,33 @@ def _traced_source_hash() -> str:
 
 
 # ----- the graphs: functions of tensors, some arguments fixed to None ------------------------------------
+# `io` is the dtype of the residual stream between graphs and of the routed experts' inputs: the weights' own,
+# or float32 where our routed-experts kernel takes them (a bfloat16 model on a CPU: its graphs compute in
+# bfloat16, the kernel in float32; the casts fuse into the graphs' first and last loops). The query and the
+# attention's output keep the weights' dtype, the cache's.
 def layer_in(decode: LatentDecode, eps: float, x, ln_w, w_down, b_down, q_norm, w_q, w_uk, kv_norm, rope):
-    """x [B, D] -> query [B, H, r + dr], latent [B, r + dr]."""
-    return decode.query_and_latent(rms_norm(x, ln_w, eps), w_down, b_down, q_norm, w_q, w_uk, kv_norm, rope)
+    """x [B, D] (io) -> query [B, H, r + dr], latent [B, r + dr]."""
+    return decode.query_and_latent(rms_norm(x.to(ln_w.dtype), ln_w, eps), w_down, b_down, q_norm, w_q, w_uk,
+                                   kv_norm, rope)
 
 
-def layer_out_dense(decode: LatentDecode, eps: float, x, out_latent, w_uv, w_o, b_o, post_w, gate_up, down):
-    """x [B, D] and the attention's output in latent space [B, H, r] -> the block's output [B, D]."""
-    h = x + decode.project_out(out_latent, w_uv, w_o, b_o)
-    return h + swiglu(rms_norm(h, post_w, eps), gate_up, down)
+def layer_out_dense(decode: LatentDecode, eps: float, io: torch.dtype, x, out_latent, w_uv, w_o, b_o, post_w,
+                    gate_up, down):
+    """x [B, D] (io) and the attention's output in latent space [B, H, r] -> the block's output [B, D] (io)."""
+    h = x.to(post_w.dtype) + decode.project_out(out_latent, w_uv, w_o, b_o)
+    return (h + swiglu(rms_norm(h, post_w, eps), gate_up, down)).to(io)
 
 
-def layer_out_moe(decode: LatentDecode, eps: float, routing: Routing, x, out_latent, w_uv, w_o, b_o, post_w,
-                  gate_w, correction_bias, shared_gate_up, shared_down):
-    """-> h + shared experts [B, D], the routed experts' input [B, D], their weights [B, K] and ids [B, K],
-    and `sort_by_expert`'s flat_ids, order, token_of, counts."""
-    h = x + decode.project_out(out_latent, w_uv, w_o, b_o)
+def layer_out_moe(decode: LatentDecode, eps: float, io: torch.dtype, routing: Routing, x, out_latent, w_uv, w_o, b_o,
+                  post_w, gate_w, correction_bias, shared_gate_up, shared_down):
+    """-> h + shared experts [B, D], the routed experts' input [B, D], their weights [B, K] (all io) and ids
+    [B, K], and `sort_by_expert`'s flat_ids, order, token_of, counts."""
+    h = x.to(post_w.dtype) + decode.project_out(out_latent, w_uv, w_o, b_o)
     hn = rms_norm(h, post_w, eps)
     weights, expert_ids, _ = routing(F.linear(hn.float(), gate_w.float()), correction_bias)
     if shared_gate_up is not None:
         h = h + swiglu(hn, shared_gate_up, shared_down)
-    return (h, hn, weights.to(hn.dtype), expert_ids, *sort_by_expert(expert_ids, routing.n_experts))
+    return (h.to(io), hn.to(io), weights.to(io), expert_ids, *sort_by_expert(expert_ids, routing.n_experts))
 
 
 def routed(base, x, weights, flat_ids, order, token_of, counts, capacity_like, gate_up, down):
@@ -104,8 +110,9 @@ class CompiledDecode:
         self.verbose = verbose
         self._graphs: dict[str, Callable[[list[torch.Tensor]], list[torch.Tensor]]] = {}
         weight = decoder.layers[0].self_attn.kv_b_proj.weight
-        self._kernels = None  # `model.native`'s C++ kernels, where they serve (float32 on a CPU)
-        if weight.dtype == torch.float32 and weight.device.type == "cpu":
+        self.dtype = weight.dtype
+        self._kernels = None  # `model.native`'s C++ kernels, where they serve (float32 or bfloat16 on a CPU)
+        if weight.dtype in (torch.float32, torch.bfloat16) and weight.device.type == "cpu":
             try:
                 self._kernels = native.decode_kernels(verbose)
             except Exception as e:  # e.g. a compiler without OpenMP: the graphs alone still serve
@@ -113,6 +120,9 @@ class CompiledDecode:
                               f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); attention and the "
                               f"routed experts run in PyTorch instead, slower. Set R1_GRPO_VERBOSE_BUILD=1 to see "
                               f"the build log.", RuntimeWarning, stacklevel=2)
+        # The residual stream between graphs: float32 where the routed-experts kernel takes it, else the weights'
+        # dtype.
+        self.io_dtype = torch.float32 if self._kernels is not None else self.dtype
         dense = [b for b in decoder.layers if not isinstance(b.mlp, MoE)]
         moe = [b for b in decoder.layers if isinstance(b.mlp, MoE)]
         self._compile_layer_in(decoder.layers[0])
@@ -120,12 +130,14 @@ class CompiledDecode:
             self._compile_out_dense(dense[0])
         if moe:
             self._compile_out_moe(moe[0])
-            if self._kernels is None:
+            if self._kernels is None and self.dtype == torch.float32:
+                # (in bfloat16 the packaged graph's index_add fails at run time under torch 2.13: eager instead)
                 self._compile_routed(moe[0])
 
     # ----- one step ---------------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, rope: torch.Tensor, bias: torch.Tensor, cache: CacheView) -> torch.Tensor:
         """What `Block.decode` over all layers computes: x [B, D] -> [B, D]."""
+        x = x.to(self.io_dtype)
         for block in self.decoder.layers:
             attn: MLA = block.self_attn
             w_in, w_out = attn.decode_weights()
@@ -148,24 +160,25 @@ class CompiledDecode:
                 x = self._kernels.routed_experts(base, hn, weights, expert_ids, *experts.packed_weights())
                 continue
             load = counts.tolist()
-            if experts.pads_well(load):
+            if "routed" in self._graphs and experts.pads_well(load):
                 (x,) = self._run("routed", [base, hn, weights, flat_ids, order, token_of, counts,
                                             hn.new_empty(max(load)), *experts.decode_weights()])
             else:  # a large batch: the experts' grouped path
                 x = base + experts(hn, weights, expert_ids)
-        return x
+        return x.to(self.dtype)
 
     def _attention(self, decode: LatentDecode, q: torch.Tensor, cache: CacheView, layer: int,
                    bias: torch.Tensor) -> torch.Tensor:
-        """q [B, H, r + dr], bias [B, S] -> [B, H, r]: the single-pass kernel where it serves (float32 on a CPU;
-        over a paged view it reads the pool in place through the block tables), else PyTorch's."""
-        if self._kernels is not None and q.dtype == torch.float32 and q.device.type == "cpu":
+        """q [B, H, r + dr], bias [B, S] -> [B, H, r]: the single-pass kernel where it serves (a CPU; float32
+        queries over a float32 or bfloat16 cache; over a paged view it reads the pool in place through the block
+        tables), else PyTorch's."""
+        if self._kernels is not None:
             if isinstance(cache, PagedCacheView):
                 return kernels.paged_latent_attention(q, cache.cache.data[layer], cache.block_tables, cache.lengths,
                                                       cache.block_size, decode.kv_lora_rank, decode.softmax_scale,
                                                       impl="cpu")
-            return self._kernels.latent_attention(q, cache.read_buffer(layer), bias, decode.kv_lora_rank,
-                                                  decode.softmax_scale)
+            return self._kernels.latent_attention(q.float(), cache.read_buffer(layer), bias, decode.kv_lora_rank,
+                                                  decode.softmax_scale).to(q.dtype)
         return decode.attention(q, cache.read(layer), bias)
 
     @property
@@ -208,7 +221,8 @@ class CompiledDecode:
         D, dr = block.input_layernorm.weight.shape[0], attn.rope_dim
         gen = torch.Generator().manual_seed(0)
         make = lambda *shape: torch.randn(*shape, generator=gen).to(w)  # noqa: E731
-        return {"x": make(B, D), "rope": make(B, dr, dr), "out_latent": make(B, attn.n_heads, attn.kv_lora_rank)}
+        return {"x": make(B, D).to(self.io_dtype), "rope": make(B, dr, dr),
+                "out_latent": make(B, attn.n_heads, attn.kv_lora_rank)}
 
     @staticmethod
     def _dims() -> dict[str, torch.export.Dim]:
@@ -235,8 +249,9 @@ class CompiledDecode:
         mlp: MLP = block.mlp
         args, dims = self._attend_args(block)
         eps = block.post_attention_layernorm.eps
-        self._compile("out_dense", lambda *a: layer_out_dense(attn.decode, eps, *a),
-                      [*args, *mlp.decode_weights()], [*dims, None, None], (attn.decode, eps))
+        io = self.io_dtype
+        self._compile("out_dense", lambda *a: layer_out_dense(attn.decode, eps, io, *a),
+                      [*args, *mlp.decode_weights()], [*dims, None, None], (attn.decode, eps, io))
 
     def _compile_out_moe(self, block: nn.Module) -> None:
         attn: MLA = block.self_attn
@@ -244,10 +259,11 @@ class CompiledDecode:
         args, dims = self._attend_args(block)
         eps, routing = block.post_attention_layernorm.eps, mlp.gate.routing
         shared = mlp.shared_experts
-        self._compile("out_moe", lambda *a: layer_out_moe(attn.decode, eps, routing, *a),
+        io = self.io_dtype
+        self._compile("out_moe", lambda *a: layer_out_moe(attn.decode, eps, io, routing, *a),
                       [*args, mlp.gate.weight, mlp.gate.e_score_correction_bias,
                        *(shared.decode_weights() if shared is not None else (None, None))],
-                      [*dims, None, None, None, None], (attn.decode, eps, routing))
+                      [*dims, None, None, None, None], (attn.decode, eps, io, routing))
 
     def _compile_routed(self, block: nn.Module) -> None:
         mlp: MoE = block.mlp

@@ -296,7 +296,8 @@ class Experts(nn.Module):
     def packed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Inference copies in column panels for `model.native`'s routed experts, each panel contiguous:
         gate_up [E, ceil(I/8), D, 16] (8 gate columns, then the same 8 up columns), down [E, ceil(D/16), I, 16];
-        zeros past I and D. Re-derived when the weights change."""
+        zeros past I and D; float32 whatever the weights' dtype (the kernel's). Re-derived when the weights
+        change."""
         gu, d = self.gate_up_proj, self.down_proj
         key = (gu.data_ptr(), gu._version, d.data_ptr(), d._version)
 
@@ -304,9 +305,10 @@ class Experts(nn.Module):
             E, I, D = gu.shape[0], gu.shape[1] // 2, gu.shape[2]
             I8, D16 = -(-I // 8), -(-D // 16)
             with torch.no_grad():
-                gate, up = (F.pad(w, (0, 0, 0, I8 * 8 - I)).view(E, I8, 8, D).transpose(2, 3) for w in gu.chunk(2, dim=1))
+                gate, up = (F.pad(w.float(), (0, 0, 0, I8 * 8 - I)).view(E, I8, 8, D).transpose(2, 3)
+                            for w in gu.chunk(2, dim=1))
                 gate_up = torch.cat([gate, up], dim=3).contiguous()  # [E, I8, D, 16]
-                down = F.pad(d, (0, 0, 0, D16 * 16 - D)).view(E, D16, 16, -1).transpose(2, 3).contiguous()
+                down = F.pad(d.float(), (0, 0, 0, D16 * 16 - D)).view(E, D16, 16, -1).transpose(2, 3).contiguous()
             return gate_up, down
         gate_up, down = self._packed.get(key, make)
         return gate_up, down  # type: ignore[return-value]

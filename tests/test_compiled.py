@@ -45,9 +45,9 @@ def make_model(overrides: dict, seed: int = 5):
 
 def decode_two_steps(m, batch: int):
     """Prefill 6 tokens, then two one-token decode steps (the last row padding in the first step when
-    batch > 1). Returns the decode logits and the cache."""
+    batch > 1). Returns the decode logits and the cache (in the model's dtype)."""
     g = torch.Generator().manual_seed(2)
-    cache = LatentCache(m.config, num_slots=batch * 9)
+    cache = LatentCache(m.config, num_slots=batch * 9, dtype=m.lm_head.weight.dtype)
     out = []
     with torch.no_grad():
         pos = torch.arange(6).expand(batch, 6)
@@ -84,6 +84,84 @@ def test_compiled_decode_matches_the_eager_step(name):
         for e, c in zip(eager_logits, compiled_logits):
             torch.testing.assert_close(c, e, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(compiled_cache, eager_cache, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decode_in_bfloat16_computes_as_the_eager_bfloat16_step():
+    """A bfloat16 copy of the model (`rollout.dtype: bfloat16`) decodes through bfloat16 graphs and our kernels
+    (attention reading the bfloat16 cache, the routed experts in float32 between float32 graph outputs): its
+    logits are as close to the float32 model's as the eager bfloat16 step's are, and it writes the cache the
+    eager step writes (to bfloat16 rounding)."""
+    full = make_model({})
+    m = full.inference_copy(torch.bfloat16)
+    for batch in (3, 1):
+        want, _ = decode_two_steps(full, batch)
+        eager_logits, eager_cache = decode_two_steps(m, batch)
+        m.compile_decode()
+        graphs = m.model.compiled_decode
+        try:
+            compiled_logits, compiled_cache = decode_two_steps(m, batch)
+        finally:
+            m.model.compiled_decode = None
+        assert graphs._kernels is not None and graphs.reads_pages and graphs.io_dtype == torch.float32
+        assert compiled_cache.dtype == torch.bfloat16
+        for w, e, c in zip(want, eager_logits, compiled_logits):
+            assert c.dtype == torch.bfloat16
+            eager_error, compiled_error = (e.float() - w).abs().max(), (c.float() - w).abs().max()
+            assert 0 < compiled_error <= 2 * eager_error, (compiled_error, eager_error)
+            torch.testing.assert_close(c.float(), e.float(), atol=4 * float(eager_error), rtol=0)
+        torch.testing.assert_close(compiled_cache.float(), eager_cache.float(), atol=0.05, rtol=0.02)
+
+
+def test_compiled_bfloat16_engine_stays_as_close_to_the_trainer_as_the_eager_one():
+    """Seeded samples from engines decoding a bfloat16 copy, eager and compiled, scored by the float32 model
+    they copy (what the trainer recomputes): the compiled engine's rollout/trainer log-prob mismatch is of
+    the eager one's size, small, and neither is zero (the copy really is bfloat16)."""
+    m = make_model({}, seed=7)
+    prompts = [[1, 5, 9, 13], [1, 7, 7], [1, 30, 31, 32, 33, 34]]
+    params = SamplingParams(n=4, temperature=1.0, max_tokens=16, ignore_eos=True, seed=3)
+    mismatch = {}
+    for compiled in (False, True):
+        engine = Engine(m, num_blocks=64, block_size=4, dtype=torch.bfloat16, compile=compiled)
+        assert (engine.runner.model.model.compiled_decode is not None) == compiled
+        diffs = []
+        for prompt, out in zip(prompts, engine.generate(prompts, params)):
+            for c in out.completions:
+                ids = torch.tensor([prompt + c.token_ids])
+                with torch.no_grad():
+                    logprobs = m(ids)[0, len(prompt) - 1:-1].log_softmax(-1)
+                recomputed = logprobs.gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+                diffs.append((recomputed - torch.tensor(c.logprobs)).abs())
+        mismatch[compiled] = torch.cat(diffs).mean().item()
+    assert m.model.compiled_decode is None  # the float32 model itself was left alone
+    assert 0 < mismatch[True] <= 2 * mismatch[False] + 1e-3 and mismatch[True] < 0.05, mismatch
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])
+@pytest.mark.parametrize("H,rank,rope_dim", [(4, 512, 64), (5, 75, 7)])
+def test_attention_kernels_read_a_bfloat16_cache_as_its_float32_values(portable, H, rank, rope_dim):
+    """Over a bfloat16 cache, both attention kernels give what they give over the same values in float32
+    (widening is exact and the arithmetic float32 either way; only the compiler's fused multiply-adds in the
+    scalar tails may differ): vLLM's MLA sizes, and sizes that take every vector loop and its tails (four heads
+    and one more, rank past 64 and off the vector width); a float16 cache is refused by name."""
+    from model.native import decode_kernels
+
+    kernels = decode_kernels(portable=portable)
+    g = torch.Generator().manual_seed(11)
+    B, R = 4, rank + rope_dim
+    q = torch.randn(B, H, R, generator=g)
+    context = torch.randn(B, 45, R, generator=g).bfloat16()
+    bias = torch.zeros(B, 40)
+    bias[1, ::3] = float("-inf")
+    torch.testing.assert_close(kernels.latent_attention(q, context, bias, rank, 0.3),
+                               kernels.latent_attention(q, context.float(), bias, rank, 0.3), atol=1e-6, rtol=1e-5)
+    pool = torch.randn(30 * 4, R, generator=g).bfloat16()
+    tables = torch.randperm(30, generator=g)[: B * 7].view(B, 7).to(torch.int32)
+    lengths = torch.tensor([1, 4, 17, 27])
+    torch.testing.assert_close(kernels.latent_attention_paged(q, pool, tables, lengths, 4, rank, 0.3),
+                               kernels.latent_attention_paged(q, pool.float(), tables, lengths, 4, rank, 0.3),
+                               atol=1e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16, not Half"):
+        kernels.latent_attention_paged(q, pool.half(), tables, lengths, 4, rank, 0.3)
 
 
 @pytest.mark.parametrize("portable", [False, True], ids=["simd", "portable"])

@@ -70,16 +70,18 @@ def test_reference_decode_attention_matches_the_models_gathered_attention():
 def test_dispatch_picks_triton_on_cuda_and_reference_on_a_cpu_without_the_cpp_ops(monkeypatch):
     monkeypatch.delenv("R1_GRPO_KERNELS", raising=False)
     monkeypatch.setattr(kernels, "_native", lambda: None)
-    assert kernels.select_impl(torch.device("cpu"), torch.float32, has_cpu_op=True) == "reference"
+    assert kernels.select_impl(torch.device("cpu"), torch.float32, cpu_dtypes=(torch.float32,)) == "reference"
     monkeypatch.setattr(kernels, "_native", lambda: object())
-    assert kernels.select_impl(torch.device("cpu"), torch.float32, has_cpu_op=True) == "cpu"
-    assert kernels.select_impl(torch.device("cpu"), torch.bfloat16, has_cpu_op=True) == "reference"
-    assert kernels.select_impl(torch.device("cpu"), torch.float32, has_cpu_op=False) == "reference"
+    assert kernels.select_impl(torch.device("cpu"), torch.float32, cpu_dtypes=(torch.float32,)) == "cpu"
+    assert kernels.select_impl(torch.device("cpu"), torch.bfloat16, cpu_dtypes=(torch.float32,)) == "reference"  # not a dtype it takes
+    assert kernels.select_impl(torch.device("cpu"), torch.bfloat16, cpu_dtypes=(torch.float32, torch.bfloat16)) == "cpu"
+    assert kernels.select_impl(torch.device("cpu"), torch.float16, cpu_dtypes=(torch.float32, torch.bfloat16)) == "reference"
+    assert kernels.select_impl(torch.device("cpu"), torch.float32) == "reference"  # no C++ op
     assert kernels.select_impl(torch.device("cpu"), torch.float32, "triton") == "triton"
     monkeypatch.setenv("R1_GRPO_KERNELS", "reference")
-    assert kernels.select_impl(torch.device("cpu"), torch.float32, has_cpu_op=True) == "reference"
+    assert kernels.select_impl(torch.device("cpu"), torch.float32, cpu_dtypes=(torch.float32,)) == "reference"
     with pytest.raises(ValueError, match="no C\\+\\+ op"):
-        kernels.select_impl(torch.device("cpu"), torch.float32, "cpu", has_cpu_op=False)
+        kernels.select_impl(torch.device("cpu"), torch.float32, "cpu")
     with pytest.raises(ValueError, match="unknown kernel implementation"):
         kernels.select_impl(torch.device("cpu"), torch.float32, "cuda")
 
@@ -87,7 +89,7 @@ def test_dispatch_picks_triton_on_cuda_and_reference_on_a_cpu_without_the_cpp_op
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: on CUDA the Triton path is the default")
 def test_dispatch_chooses_triton_on_cuda(monkeypatch):
     monkeypatch.delenv("R1_GRPO_KERNELS", raising=False)
-    assert kernels.select_impl(torch.device("cuda"), torch.bfloat16, has_cpu_op=True) == "triton"
+    assert kernels.select_impl(torch.device("cuda"), torch.bfloat16, cpu_dtypes=(torch.float32, torch.bfloat16)) == "triton"
     calls = []
     monkeypatch.setattr(decode_attention, "paged_latent_attention", lambda *a, **k: calls.append(1) or a[0][..., :8])
     q, pool, tables, lens = _paged(1, 2, 8, 16, 4, [3], torch.bfloat16, "cuda")

@@ -8,8 +8,8 @@ torch::Tensor routed_experts(torch::Tensor base, torch::Tensor x, torch::Tensor 
                              torch::Tensor gate_up, torch::Tensor down);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("latent_attention", &latent_attention, "single-pass weight-absorbed MLA decode attention (float32, CPU)");
+  m.def("latent_attention", &latent_attention, "single-pass weight-absorbed MLA decode attention (float32 queries, float32 or bfloat16 latents; CPU)");
   m.def("latent_attention_paged", &latent_attention_paged,
-        "the same over a paged latent cache, through block tables (float32, CPU)");
+        "the same over a paged latent cache, through block tables (CPU)");
   m.def("routed_experts", &routed_experts, "a decode step's routed experts, each on its own rows (float32, CPU)");
 }

@@ -8,11 +8,13 @@
 #endif
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // One decode step of weight-absorbed MLA attention, in one pass over each sequence's latent context.
 //   q       [B, H, R]  float32, contiguous: queries in latent space (R = r + dr)
-//   context [B, C, R]  float32, rows contiguous (C >= S): the cached latents
+//   context [B, C, R]  float32 or bfloat16, rows contiguous (C >= S): the cached latents (bfloat16: read as
+//                      such, half the bytes, widened to float32 in registers; all arithmetic in float32)
 //   bias    [B, S]     float32: 0, or -inf for positions not to attend
 // returns   [B, H, r]  softmax(scale * q . context + bias) @ context[..., :r]
 //
@@ -23,13 +25,22 @@ namespace {
 
 constexpr int64_t TILE = 16;
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+// The cached latents' element types: float32, or bfloat16 (the cache of a bfloat16 model).
+template <typename T>
+inline float dot(const float* __restrict a, const T* __restrict b, int64_t n) {
   float s = 0.f;
-  for (int64_t k = 0; k < n; ++k) s += a[k] * b[k];
+  for (int64_t k = 0; k < n; ++k) s += a[k] * static_cast<float>(b[k]);
   return s;
 }
 
 #ifdef R1_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+// bfloat16 is float32's upper half: widen to 32 bits and shift into place.
+inline __m256 load8(const at::BFloat16* p) {
+  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+}
+
 inline float hsum(__m256 v) {
   __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
   lo = _mm_add_ps(lo, hi);
@@ -48,8 +59,9 @@ struct NextTile {
   int64_t row_bytes = 0, stride_bytes = 0;
   int64_t row = 0, offset = 0;  // the next line to fetch: its row and byte offset in the row
 
-  NextTile(const float* next, int64_t R, int64_t stride)
-      : base(reinterpret_cast<const char*>(next)), row_bytes(R * 4), stride_bytes(stride * 4) {}
+  template <typename T>
+  NextTile(const T* next, int64_t R, int64_t stride)
+      : base(reinterpret_cast<const char*>(next)), row_bytes(R * sizeof(T)), stride_bytes(stride * sizeof(T)) {}
 
   int64_t lines() const { return TILE * ((row_bytes + 63) / 64); }
 
@@ -72,7 +84,8 @@ struct NextTile {
 #endif
 
 // out[h * TILE + t] = q_h . c_t for h < H, t < n: rows c_t = ctx + t * stride, n <= TILE.
-void tile_scores(const float* q, const float* ctx, int64_t stride, int64_t H, int64_t R, int64_t n, float* out,
+template <typename T>
+void tile_scores(const float* q, const T* ctx, int64_t stride, int64_t H, int64_t R, int64_t n, float* out,
                  NextTile& next) {
   int64_t h = 0;
 #ifdef R1_AVX2
@@ -81,11 +94,11 @@ void tile_scores(const float* q, const float* ctx, int64_t stride, int64_t H, in
     const float *q0 = q + h * R, *q1 = q0 + R, *q2 = q1 + R, *q3 = q2 + R;
     int64_t t = 0;
     for (; t + 2 <= n; t += 2) {
-      const float *c0 = ctx + t * stride, *c1 = c0 + stride;
+      const T *c0 = ctx + t * stride, *c1 = c0 + stride;
       __m256 s00 = _mm256_setzero_ps(), s10 = s00, s20 = s00, s30 = s00, s01 = s00, s11 = s00, s21 = s00, s31 = s00;
       for (int64_t k = 0; k < Rv; k += 8) {
         next.issue(1);
-        __m256 x0 = _mm256_loadu_ps(c0 + k), x1 = _mm256_loadu_ps(c1 + k);
+        __m256 x0 = load8(c0 + k), x1 = load8(c1 + k);
         __m256 w0 = _mm256_loadu_ps(q0 + k), w1 = _mm256_loadu_ps(q1 + k), w2 = _mm256_loadu_ps(q2 + k),
                w3 = _mm256_loadu_ps(q3 + k);
         R1_IN_REGISTER(x0); R1_IN_REGISTER(x1);
@@ -112,8 +125,8 @@ void tile_scores(const float* q, const float* ctx, int64_t stride, int64_t H, in
 #ifdef R1_AVX2
 // Four heads at once: acc[j * m + k] += sum_t p[j * TILE + t] * c_t[k] for j < 4, k < kend, from k = k0 in
 // steps of 8 * V floats; each row's vectors are loaded once for the four heads. Returns where it stopped.
-template <int V>
-int64_t weigh_rows4(const float* p, const float* ctx, int64_t stride, int64_t n, int64_t m, float* acc, int64_t k0,
+template <int V, typename T>
+int64_t weigh_rows4(const float* p, const T* ctx, int64_t stride, int64_t n, int64_t m, float* acc, int64_t k0,
                     NextTile& next) {
   int64_t k = k0;
   const int64_t per_chunk = next.lines() / std::max<int64_t>(1, (m - k0) / (8 * V)) + 1;
@@ -123,10 +136,10 @@ int64_t weigh_rows4(const float* p, const float* ctx, int64_t stride, int64_t n,
     for (int j = 0; j < 4; ++j)
       for (int v = 0; v < V; ++v) a[j][v] = _mm256_loadu_ps(acc + j * m + k + 8 * v);
     for (int64_t t = 0; t < n; ++t) {
-      const float* c = ctx + t * stride + k;
+      const T* c = ctx + t * stride + k;
       __m256 x[V];
       for (int v = 0; v < V; ++v) {
-        x[v] = _mm256_loadu_ps(c + 8 * v);
+        x[v] = load8(c + 8 * v);
         R1_IN_REGISTER(x[v]);
       }
       for (int j = 0; j < 4; ++j) {
@@ -142,7 +155,8 @@ int64_t weigh_rows4(const float* p, const float* ctx, int64_t stride, int64_t n,
 #endif
 
 // acc[k] += sum_t p[t] * c_t[k] for k0 <= k < m, rows c_t = ctx + t * stride.
-void weigh_rows(const float* p, const float* ctx, int64_t stride, int64_t n, int64_t m, float* acc, int64_t k0 = 0) {
+template <typename T>
+void weigh_rows(const float* p, const T* ctx, int64_t stride, int64_t n, int64_t m, float* acc, int64_t k0 = 0) {
   int64_t k = k0;
 #ifdef R1_AVX2
   for (; k + 64 <= m; k += 64) {  // 64 accumulators in eight registers
@@ -151,11 +165,11 @@ void weigh_rows(const float* p, const float* ctx, int64_t stride, int64_t n, int
            a6 = _mm256_loadu_ps(acc + k + 48), a7 = _mm256_loadu_ps(acc + k + 56);
     for (int64_t t = 0; t < n; ++t) {
       const __m256 w = _mm256_set1_ps(p[t]);
-      const float* c = ctx + t * stride + k;
-      a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c), a0); a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 8), a1);
-      a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 16), a2); a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 24), a3);
-      a4 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 32), a4); a5 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 40), a5);
-      a6 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 48), a6); a7 = _mm256_fmadd_ps(w, _mm256_loadu_ps(c + 56), a7);
+      const T* c = ctx + t * stride + k;
+      a0 = _mm256_fmadd_ps(w, load8(c), a0); a1 = _mm256_fmadd_ps(w, load8(c + 8), a1);
+      a2 = _mm256_fmadd_ps(w, load8(c + 16), a2); a3 = _mm256_fmadd_ps(w, load8(c + 24), a3);
+      a4 = _mm256_fmadd_ps(w, load8(c + 32), a4); a5 = _mm256_fmadd_ps(w, load8(c + 40), a5);
+      a6 = _mm256_fmadd_ps(w, load8(c + 48), a6); a7 = _mm256_fmadd_ps(w, load8(c + 56), a7);
     }
     _mm256_storeu_ps(acc + k, a0); _mm256_storeu_ps(acc + k + 8, a1); _mm256_storeu_ps(acc + k + 16, a2);
     _mm256_storeu_ps(acc + k + 24, a3); _mm256_storeu_ps(acc + k + 32, a4); _mm256_storeu_ps(acc + k + 40, a5);
@@ -164,7 +178,7 @@ void weigh_rows(const float* p, const float* ctx, int64_t stride, int64_t n, int
 #endif
   for (; k < m; ++k) {
     float s = acc[k];
-    for (int64_t t = 0; t < n; ++t) s += p[t] * ctx[t * stride + k];
+    for (int64_t t = 0; t < n; ++t) s += p[t] * static_cast<float>(ctx[t * stride + k]);
     acc[k] = s;
   }
 }
@@ -184,7 +198,8 @@ struct OnlineSoftmax {
 
   // Attends to n <= TILE rows (tile + t * stride), bias [n] (0 or -inf; nullptr: all attended); next: the
   // tile that comes after (nullptr: none), prefetched meanwhile.
-  void add_tile(const float* q, const float* tile, int64_t stride, int64_t n, const float* bias, const float* next) {
+  template <typename T>
+  void add_tile(const float* q, const T* tile, int64_t stride, int64_t n, const float* bias, const T* next) {
     const float neg_inf = -std::numeric_limits<float>::infinity();
     // Its lines are prefetched twice over, in the scores pass and again in the values pass (measured 7%
     // faster than once).
@@ -252,12 +267,23 @@ struct Scratch {
         state{H, R, r, scale, scores.data(), acc.data(), run_max.data(), run_sum.data()} {}
 };
 
+// The latents' element type: float or at::BFloat16, else an error naming `what`.
+template <typename F>
+void with_latent_type(const torch::Tensor& latents, const char* what, F&& f) {
+  if (latents.scalar_type() == torch::kFloat32)
+    f(static_cast<const float*>(nullptr));
+  else if (latents.scalar_type() == torch::kBFloat16)
+    f(static_cast<const at::BFloat16*>(nullptr));
+  else
+    TORCH_CHECK(false, what, ": the latents must be float32 or bfloat16, not ", latents.scalar_type());
+}
+
 }  // namespace
 
 torch::Tensor latent_attention(torch::Tensor q, torch::Tensor context, torch::Tensor bias, int64_t rank,
                                double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && context.dtype() == torch::kFloat32 && bias.dtype() == torch::kFloat32,
-              "latent_attention: float32 tensors only");
+  TORCH_CHECK(q.dtype() == torch::kFloat32 && bias.dtype() == torch::kFloat32,
+              "latent_attention: q and bias must be float32");
   TORCH_CHECK(q.dim() == 3 && context.dim() == 3 && bias.dim() == 2, "latent_attention: q [B, H, R], context [B, C, R], bias [B, S]");
   q = q.contiguous();
   bias = bias.contiguous();
@@ -268,35 +294,39 @@ torch::Tensor latent_attention(torch::Tensor q, torch::Tensor context, torch::Te
   TORCH_CHECK(rank > 0 && rank <= R, "latent_attention: rank out of range");
   auto out = torch::empty({B, H, rank}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* cp = context.data_ptr<float>();
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t seq_stride = context.stride(0), row_stride = context.stride(1);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    Scratch scratch(H, R, rank, static_cast<float>(scale));
-    OnlineSoftmax& state = scratch.state;
-    for (int64_t b = b0; b < b1; ++b) {
-      state.reset();
-      const float* ctx = cp + b * seq_stride;
-      for (int64_t s0 = 0; s0 < S; s0 += TILE) {
-        const float* next = s0 + TILE < S ? ctx + (s0 + TILE) * row_stride : b + 1 < b1 ? ctx + seq_stride : nullptr;
-        state.add_tile(qp + b * H * R, ctx + s0 * row_stride, row_stride, std::min(TILE, S - s0), bp + b * S + s0, next);
+  with_latent_type(context, "latent_attention", [&](auto type) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
+    const T* cp = static_cast<const T*>(context.data_ptr());
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      Scratch scratch(H, R, rank, static_cast<float>(scale));
+      OnlineSoftmax& state = scratch.state;
+      for (int64_t b = b0; b < b1; ++b) {
+        state.reset();
+        const T* ctx = cp + b * seq_stride;
+        for (int64_t s0 = 0; s0 < S; s0 += TILE) {
+          const T* next = s0 + TILE < S ? ctx + (s0 + TILE) * row_stride : b + 1 < b1 ? ctx + seq_stride : nullptr;
+          state.add_tile(qp + b * H * R, ctx + s0 * row_stride, row_stride, std::min(TILE, S - s0), bp + b * S + s0,
+                         next);
+        }
+        state.finish(op + b * H * rank);
       }
-      state.finish(op + b * H * rank);
-    }
+    });
   });
   return out;
 }
 
 // The same over the paged cache, each sequence's context read in place through its block table:
 //   q            [B, H, R]  float32: queries in latent space
-//   pool         [N, R]     float32, rows contiguous: one layer's slots (block k holds slots k * bs .. k * bs + bs - 1)
+//   pool         [N, R]     float32 or bfloat16, rows contiguous: one layer's slots (block k holds slots k * bs .. k * bs + bs - 1)
 //   block_tables [B, W]     int32: each sequence's blocks in position order
 //   lengths      [B]        int64: how many positions each sequence attends to (all of its first lengths[b])
 // returns        [B, H, r]
 torch::Tensor latent_attention_paged(torch::Tensor q, torch::Tensor pool, torch::Tensor block_tables,
                                      torch::Tensor lengths, int64_t block_size, int64_t rank, double scale) {
-  TORCH_CHECK(q.dtype() == torch::kFloat32 && pool.dtype() == torch::kFloat32, "latent_attention_paged: float32 only");
+  TORCH_CHECK(q.dtype() == torch::kFloat32, "latent_attention_paged: q must be float32");
   TORCH_CHECK(block_tables.dtype() == torch::kInt32 && lengths.dtype() == torch::kInt64,
               "latent_attention_paged: block_tables int32, lengths int64");
   TORCH_CHECK(q.dim() == 3 && pool.dim() == 2 && block_tables.dim() == 2 && lengths.dim() == 1,
@@ -320,29 +350,32 @@ torch::Tensor latent_attention_paged(torch::Tensor q, torch::Tensor pool, torch:
   }
   auto out = torch::empty({B, H, rank}, q.options());
   const float* qp = q.data_ptr<float>();
-  const float* pp = pool.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t row_stride = pool.stride(0);
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    Scratch scratch(H, R, rank, static_cast<float>(scale));
-    OnlineSoftmax& state = scratch.state;
-    // tile i of sequence b: its first row, or nullptr past the end of the thread's sequences
-    auto tile_at = [&](int64_t b, int64_t s0) -> const float* {
-      if (s0 >= lens[b]) {
-        if (b + 1 >= b1) return nullptr;
-        b += 1, s0 = 0;
+  with_latent_type(pool, "latent_attention_paged", [&](auto type) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
+    const T* pp = static_cast<const T*>(pool.data_ptr());
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      Scratch scratch(H, R, rank, static_cast<float>(scale));
+      OnlineSoftmax& state = scratch.state;
+      // tile i of sequence b: its first row, or nullptr past the end of the thread's sequences
+      auto tile_at = [&](int64_t b, int64_t s0) -> const T* {
+        if (s0 >= lens[b]) {
+          if (b + 1 >= b1) return nullptr;
+          b += 1, s0 = 0;
+        }
+        return pp + (tables[b * W + s0 / block_size] * block_size + s0 % block_size) * row_stride;
+      };
+      for (int64_t b = b0; b < b1; ++b) {
+        state.reset();
+        for (int64_t s0 = 0; s0 < lens[b];) {  // tiles never straddle a block
+          const int64_t n = std::min({TILE, lens[b] - s0, block_size - s0 % block_size});
+          state.add_tile(qp + b * H * R, tile_at(b, s0), row_stride, n, nullptr, tile_at(b, s0 + n));
+          s0 += n;
+        }
+        state.finish(op + b * H * rank);
       }
-      return pp + (tables[b * W + s0 / block_size] * block_size + s0 % block_size) * row_stride;
-    };
-    for (int64_t b = b0; b < b1; ++b) {
-      state.reset();
-      for (int64_t s0 = 0; s0 < lens[b];) {  // tiles never straddle a block
-        const int64_t n = std::min({TILE, lens[b] - s0, block_size - s0 % block_size});
-        state.add_tile(qp + b * H * R, tile_at(b, s0), row_stride, n, nullptr, tile_at(b, s0 + n));
-        s0 += n;
-      }
-      state.finish(op + b * H * rank);
-    }
+    });
   });
   return out;
 }

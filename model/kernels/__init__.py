@@ -4,7 +4,8 @@ implementation from the tensors' device and dtype:
     CUDA with Triton installed                  -> the Triton kernel (decode_attention.py, moe.py, sampling.py);
                                                    for the LM head "chunked_triton" (lm_head_chunked.py: cuBLAS
                                                    matmuls a chunk of tokens at a time, Triton row kernels)
-    CPU float32 with `model.native` built       -> our C++ op (decode attention and routed experts only)
+    CPU with `model.native` built               -> our C++ op (decode attention: float32 or bfloat16; routed
+                                                   experts: float32)
     anything else                               -> the plain PyTorch reference (reference.py)
 
 `impl=` forces one, as does $R1_GRPO_KERNELS: "triton", "cpu", "reference" for every entry, and for the LM head
@@ -58,23 +59,24 @@ def requested_impl(entry: str | None = None) -> str | None:
     return every
 
 
-def select_impl(device: torch.device, dtype: torch.dtype, impl: str | None = None, has_cpu_op: bool = False,
-                entry: str | None = None) -> str:
+def select_impl(device: torch.device, dtype: torch.dtype, impl: str | None = None,
+                cpu_dtypes: tuple[torch.dtype, ...] = (), entry: str | None = None) -> str:
     """The implementation an entry runs on tensors of `device` and `dtype`: `impl` if given (else
-    $R1_GRPO_KERNELS, see `requested_impl`), else by the table in this module's docstring. `entry` names an
-    entry of ENTRY_IMPLS (its own implementations and CUDA default); the others choose among IMPLS."""
+    $R1_GRPO_KERNELS, see `requested_impl`), else by the table in this module's docstring. cpu_dtypes: the
+    dtypes the entry's C++ op takes (none: it has no C++ op). `entry` names an entry of ENTRY_IMPLS (its own
+    implementations and CUDA default); the others choose among IMPLS."""
     allowed = ENTRY_IMPLS.get(entry, IMPLS)
     impl = impl or requested_impl(entry)
     if impl is not None:
         if impl not in allowed:
             raise ValueError(f"unknown kernel implementation {impl!r}" + (f" for {entry}" if entry else "")
                              + f"; choose one of {allowed}")
-        if impl == "cpu" and not has_cpu_op:
+        if impl == "cpu" and not cpu_dtypes:
             raise ValueError("impl='cpu': this kernel has no C++ op; choose 'triton' or 'reference'")
         return impl
     if device.type == "cuda" and _triton_installed():
         return allowed[0]
-    if has_cpu_op and device.type == "cpu" and dtype == torch.float32 and _native() is not None:
+    if device.type == "cpu" and dtype in cpu_dtypes and _native() is not None:
         return "cpu"
     return "reference"
 
@@ -89,11 +91,12 @@ def paged_latent_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: to
     pool:         [N, R] one layer of the `LatentCache` (normalized latent, then the roped key), q's dtype
     block_tables: [B, W] int32; lengths: [B] int64 (0: an empty context, whose output is zeros)
     scale:        the softmax scale, YaRN's mscale already applied (`ModelConfig.softmax_scale`)
-    Returns [B, H, rank] in q's dtype (float32, float16 or bfloat16; accumulated in float32)."""
+    Returns [B, H, rank] in q's dtype (float32, float16 or bfloat16; accumulated in float32). The C++ op takes
+    float32 and bfloat16 (a bfloat16 pool read as is, the small query widened to float32)."""
     if pool.dtype != q.dtype or q.shape[-1] != pool.shape[-1] or q.shape[-1] <= rank:
         raise ValueError(f"paged_latent_attention: need q [B, H, R] and pool [N, R] of one dtype with R > rank={rank}, "
                          f"got {tuple(q.shape)} {q.dtype} and {tuple(pool.shape)} {pool.dtype}")
-    chosen = select_impl(q.device, q.dtype, impl, has_cpu_op=True)
+    chosen = select_impl(q.device, q.dtype, impl, cpu_dtypes=(torch.float32, torch.bfloat16))
     if chosen == "triton":
         from . import decode_attention
 
@@ -101,8 +104,11 @@ def paged_latent_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: to
     if chosen == "cpu":
         from .. import native
 
+        if q.dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"paged_latent_attention: impl='cpu' takes float32 or bfloat16, not {q.dtype}")
         return native.decode_kernels().latent_attention_paged(
-            q.contiguous(), pool, block_tables.to(torch.int32), lengths.to(torch.int64), block_size, rank, float(scale))
+            q.float().contiguous(), pool, block_tables.to(torch.int32), lengths.to(torch.int64), block_size, rank,
+            float(scale)).to(q.dtype)
     return reference.paged_latent_attention(q, pool, block_tables, lengths, block_size, rank, scale)
 
 
@@ -190,7 +196,7 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Ten
     torch._grouped_mm where `grouped_mm_fits`); the reference differentiates by torch.autograd; the C++ op,
     forward only, is not taken. Without autograd (inference) the Triton path fuses the SwiGLU into its GEMM."""
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up_proj, down_proj))
-    chosen = select_impl(x.device, x.dtype, impl, has_cpu_op=packed is not None)
+    chosen = select_impl(x.device, x.dtype, impl, cpu_dtypes=(torch.float32,) if packed is not None else ())
     if chosen == "cpu" and training:
         chosen = "reference"
     if chosen == "cpu":
