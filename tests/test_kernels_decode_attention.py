@@ -82,6 +82,8 @@ def test_dispatch_picks_triton_on_cuda_and_reference_on_a_cpu_without_the_cpp_op
     assert kernels.select_impl(torch.device("cpu"), torch.float32, cpu_dtypes=(torch.float32,)) == "reference"
     with pytest.raises(ValueError, match="no C\\+\\+ op"):
         kernels.select_impl(torch.device("cpu"), torch.float32, "cpu")
+    with pytest.raises(ValueError, match="takes torch.float32, not torch.bfloat16"):
+        kernels.select_impl(torch.device("cpu"), torch.bfloat16, "cpu", cpu_dtypes=(torch.float32,))
     with pytest.raises(ValueError, match="unknown kernel implementation"):
         kernels.select_impl(torch.device("cpu"), torch.float32, "cuda")
 

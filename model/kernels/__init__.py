@@ -73,6 +73,8 @@ def select_impl(device: torch.device, dtype: torch.dtype, impl: str | None = Non
                              + f"; choose one of {allowed}")
         if impl == "cpu" and not cpu_dtypes:
             raise ValueError("impl='cpu': this kernel has no C++ op; choose 'triton' or 'reference'")
+        if impl == "cpu" and dtype not in cpu_dtypes:
+            raise ValueError(f"impl='cpu': this kernel's C++ op takes {', '.join(map(str, cpu_dtypes))}, not {dtype}")
         return impl
     if device.type == "cuda" and _triton_installed():
         return allowed[0]
@@ -104,8 +106,6 @@ def paged_latent_attention(q: torch.Tensor, pool: torch.Tensor, block_tables: to
     if chosen == "cpu":
         from .. import native
 
-        if q.dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"paged_latent_attention: impl='cpu' takes float32 or bfloat16, not {q.dtype}")
         return native.decode_kernels().latent_attention_paged(
             q.float().contiguous(), pool, block_tables.to(torch.int32), lengths.to(torch.int64), block_size, rank,
             float(scale)).to(q.dtype)
