@@ -8,7 +8,6 @@
 #endif
 #include <cmath>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
 // One decode step of weight-absorbed MLA attention, in one pass over each sequence's latent context.
@@ -267,13 +266,13 @@ struct Scratch {
         state{H, R, r, scale, scores.data(), acc.data(), run_max.data(), run_sum.data()} {}
 };
 
-// The latents' element type: float or at::BFloat16, else an error naming `what`.
+// f(the latents' data as const float* or const at::BFloat16*), else an error naming `what`.
 template <typename F>
-void with_latent_type(const torch::Tensor& latents, const char* what, F&& f) {
+void with_latents(const torch::Tensor& latents, const char* what, F&& f) {
   if (latents.scalar_type() == torch::kFloat32)
-    f(static_cast<const float*>(nullptr));
+    f(latents.const_data_ptr<float>());
   else if (latents.scalar_type() == torch::kBFloat16)
-    f(static_cast<const at::BFloat16*>(nullptr));
+    f(latents.const_data_ptr<at::BFloat16>());
   else
     TORCH_CHECK(false, what, ": the latents must be float32 or bfloat16, not ", latents.scalar_type());
 }
@@ -297,17 +296,15 @@ torch::Tensor latent_attention(torch::Tensor q, torch::Tensor context, torch::Te
   const float* bp = bias.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t seq_stride = context.stride(0), row_stride = context.stride(1);
-  with_latent_type(context, "latent_attention", [&](auto type) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
-    const T* cp = static_cast<const T*>(context.data_ptr());
+  with_latents(context, "latent_attention", [&](auto cp) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       Scratch scratch(H, R, rank, static_cast<float>(scale));
       OnlineSoftmax& state = scratch.state;
       for (int64_t b = b0; b < b1; ++b) {
         state.reset();
-        const T* ctx = cp + b * seq_stride;
+        const auto ctx = cp + b * seq_stride;
         for (int64_t s0 = 0; s0 < S; s0 += TILE) {
-          const T* next = s0 + TILE < S ? ctx + (s0 + TILE) * row_stride : b + 1 < b1 ? ctx + seq_stride : nullptr;
+          const decltype(cp) next = s0 + TILE < S ? ctx + (s0 + TILE) * row_stride : b + 1 < b1 ? ctx + seq_stride : nullptr;
           state.add_tile(qp + b * H * R, ctx + s0 * row_stride, row_stride, std::min(TILE, S - s0), bp + b * S + s0,
                          next);
         }
@@ -352,14 +349,12 @@ torch::Tensor latent_attention_paged(torch::Tensor q, torch::Tensor pool, torch:
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t row_stride = pool.stride(0);
-  with_latent_type(pool, "latent_attention_paged", [&](auto type) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(type)>>;
-    const T* pp = static_cast<const T*>(pool.data_ptr());
+  with_latents(pool, "latent_attention_paged", [&](auto pp) {
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       Scratch scratch(H, R, rank, static_cast<float>(scale));
       OnlineSoftmax& state = scratch.state;
       // tile i of sequence b: its first row, or nullptr past the end of the thread's sequences
-      auto tile_at = [&](int64_t b, int64_t s0) -> const T* {
+      auto tile_at = [&](int64_t b, int64_t s0) -> decltype(pp) {
         if (s0 >= lens[b]) {
           if (b + 1 >= b1) return nullptr;
           b += 1, s0 = 0;
