@@ -14,6 +14,9 @@ Prefill runs the real model (it is not counted); every decode step's model work 
   - "buffers" (the CUDA-graph path's host logic, `ModelRunner(decode_path="buffers")`, with the GPU's counter
     sampler): `DecodeGraphs._step`, the computation a graph captures (model and sampler), returns a fixed
     [2, P] tokens/log-probs tensor, as a replay leaves its output in a static buffer;
+  - "overlap": the buffers path with `Engine(overlap=True)`, each step launched before the last one's tokens
+    are read (on a CPU nothing runs at the same time, so this is overlap's own host cost; on a GPU the host
+    path then runs while the device replays the step);
   - "eager" (the CPU's path, with its default generator sampler): the model's `hidden_states` and `logits`
     return fixed tensors; the staging copy and the host sampler (over a 256-token vocabulary) still run.
 A step is the time from one `Scheduler.schedule` call to the next; the figures are the median over a run's
@@ -22,7 +25,7 @@ then the median of each over repeats. A second, instrumented run per repeat spli
 of the engine's methods, mean per decode step, the last one left out; the wrappers add about a microsecond per
 call, so the phases add up to a little more than a step); "loop" is what is left: `generate`'s own lines.
 
-    python bench/engine_host.py [--batches 32,128,256] [--tokens 128] [--repeats 5] [--paths buffers,eager]
+    python bench/engine_host.py [--batches 32,128,256] [--tokens 128] [--repeats 5] [--paths buffers,overlap,eager]
                                 [--workloads uniform,ragged] [--threads 1] [--profile]
 
 `--profile` also prints the functions the host spends most own time in (cProfile, one uniform run at the
@@ -45,7 +48,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-PATHS = {"buffers": "counter", "eager": "generator"}  # decode path -> the sampler it is timed with
+# What is timed -> (the engine's decode path, the sampler it is timed with, overlap)
+PATHS = {"buffers": ("buffers", "counter", False), "overlap": ("buffers", "counter", True),
+         "eager": ("eager", "generator", False)}
 GROUP = 8  # samples per prompt (GRPO's group size)
 PROMPT_TOKENS = 32
 VOCAB = 256
@@ -57,6 +62,7 @@ PHASES = [
     ("ModelRunner", "copy_blocks", "schedule"),
     ("ModelRunner", "forward", "inputs"),
     ("ModelRunner", "decode_tokens", "inputs"),
+    ("ModelRunner", "launch_decode", "inputs"),
     ("ModelRunner", "_decode_buffered", "inputs"),
     ("ModelRunner", "_staged_view", "inputs"),
     ("DecodeBatch", "write", "inputs"),
@@ -65,6 +71,9 @@ PHASES = [
     ("DecodeGraphs", "tokens", "readback"),
     ("DecodeGraphs", "logits", "readback"),
     ("DecodeGraphs", "read_tokens", "readback"),
+    ("DecodeGraphs", "start_read", "readback"),
+    ("DecodeGraphs", "tokens_of", "readback"),
+    ("PendingStep", "result", "readback"),
     ("Engine", "_sample", "sample"),
     ("Engine", "_append", "append"),
 ]
@@ -147,6 +156,12 @@ def classes() -> dict[str, type]:
 
     found = {"Scheduler": Scheduler, "ModelRunner": ModelRunner, "DecodeGraphs": DecodeGraphs, "Engine": Engine}
     try:
+        from grpo.rollout.model_runner import PendingStep
+
+        found["PendingStep"] = PendingStep
+    except ImportError:  # an engine from before overlap
+        pass
+    try:
         from grpo.rollout.decode_batch import DecodeBatch
 
         found["DecodeBatch"] = DecodeBatch
@@ -165,7 +180,7 @@ def make_engine(path: str, batch: int, tokens: int, clock_phases: list):
     block_size = 16
     per_seq = -(-(PROMPT_TOKENS + tokens) // block_size) + 1
     engine = Engine(model, block_size=block_size, num_blocks=batch * per_seq + 64, max_num_seqs=batch,
-                    decode_path=path, sampler=PATHS[path], seed=0)
+                    decode_path=PATHS[path][0], sampler=PATHS[path][1], overlap=PATHS[path][2], seed=0)
 
     def charge(fn):
         """The stub's time goes to 'model' when phases are being timed."""
@@ -177,7 +192,7 @@ def make_engine(path: str, batch: int, tokens: int, clock_phases: list):
 
         return call
 
-    if path == "buffers":
+    if PATHS[path][0] == "buffers":
         graphs = engine.runner.decode_graphs
         P = graphs.max_batch
         tokens_out = torch.stack([torch.arange(P, dtype=torch.float64) % (VOCAB - 3) + 3,
@@ -253,7 +268,7 @@ def measure(path: str, batch: int, tokens: int, repeats: int, ragged: bool) -> d
         plain.append(run_once(engine, prompts, params, False, clock_phases))
         timed.append(run_once(engine, prompts, params, True, clock_phases))
     phases = {k: round(statistics.median(r["phases_ms"][k] for r in timed), 4) for k in timed[0]["phases_ms"]}
-    return {"batch": batch, "sampler": PATHS[path], "decode_steps": plain[0]["decode_steps"],
+    return {"batch": batch, "sampler": PATHS[path][1], "decode_steps": plain[0]["decode_steps"],
             "step_ms": round(statistics.median(r["median_ms"] for r in plain), 4),
             "mean_step_ms": round(statistics.median(r["mean_ms"] for r in plain), 4),
             "runs_step_ms": [round(r["median_ms"], 4) for r in plain],
@@ -283,7 +298,7 @@ def main() -> None:
     ap.add_argument("--batches", default="32,128,256", help="comma-separated batch sizes (multiples of 8)")
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per sequence (decode steps per run)")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--paths", default="buffers,eager", help=f"comma-separated, of {', '.join(PATHS)}")
+    ap.add_argument("--paths", default="buffers,overlap,eager", help=f"comma-separated, of {', '.join(PATHS)}")
     ap.add_argument("--workloads", default="uniform,ragged",
                     help="comma-separated: uniform (all samples end together), ragged (each its own length)")
     ap.add_argument("--threads", type=int, default=1)

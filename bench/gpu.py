@@ -351,6 +351,7 @@ def rollout_workload(device: torch.device, cfg, prompts_n: int, n: int, new: int
             decode["graphs_captured"] = graphs.captures
             decode["eager_step_top_kernels"] = top_kernels(lambda: graphs._step(padded_size(batch), sampled), device)
     result["decode"] = decode
+    result["overlap"] = overlap_rollout(engine, model, prompts, n, new, device, cache_bytes)
     engine = model = graphs = None  # free the device memory for the peer
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -371,6 +372,37 @@ def rollout_workload(device: torch.device, cfg, prompts_n: int, n: int, new: int
         result["transformers_tokens_per_s"] = None
         result["transformers_error"] = f"{type(e).__name__}: {e}"[:400]
     return result
+
+
+def overlap_rollout(engine, model: CausalLM, prompts: list[list[int]], n: int, new: int, device: torch.device,
+                    cache_bytes: int) -> dict:
+    """The same rollout step by step and with `Engine(overlap=True)` (each decode step launched before the last
+    one's tokens are read), side by side on one engine: tokens/s of both, and whether the completions are the
+    same. Where the engine decodes eagerly (a CPU), an engine on the buffered path with the counter sampler
+    stands in, which is what overlap needs; nothing runs asynchronously there, so only the equality tells."""
+    from grpo.rollout import SamplingParams
+    from grpo.rollout.engine import Engine
+
+    if engine.sampler != "counter" or engine.decode_path == "eager":
+        engine = Engine(model, cache_memory_bytes=cache_bytes, max_num_seqs=len(prompts) * n, decode_path="buffers",
+                        sampler="counter")
+    # Sequences end at EOS here (with ignore_eos every step would run every row), so steps run for nothing too.
+    params = SamplingParams(n=n, temperature=1.0, max_tokens=new, seed=1)
+    outputs: dict[bool, list[list[int]]] = {}
+    seconds: dict[bool, float] = {}
+    for overlap in (False, True, False, True):  # interleaved; the first of each warms up
+        engine.overlap = overlap
+        sync(device)
+        t0 = time.perf_counter()
+        out = engine.generate(prompts, params)
+        sync(device)
+        seconds[overlap] = time.perf_counter() - t0
+        outputs[overlap] = [c.token_ids for o in out for c in o.completions]
+    engine.overlap = False
+    tokens = sum(map(len, outputs[False]))
+    return {"decode_path": engine.decode_path, "tokens": tokens, "step_by_step_tokens_per_s": tokens / seconds[False],
+            "overlap_tokens_per_s": sum(map(len, outputs[True])) / seconds[True],
+            "overlap_speedup": seconds[False] / seconds[True], "same_completions": outputs[True] == outputs[False]}
 
 
 def section_rollout(device: torch.device, args) -> dict:

@@ -158,10 +158,14 @@ def build_engine(model: CausalLM, tokenizer, rollout: RolloutSection | None = No
     from .rollout.engine import Engine
 
     on_cuda = model.lm_head.weight.device.type == "cuda"
+    if r.overlap and not on_cuda:
+        raise RecipeError(f"rollout.overlap: runs decode steps ahead on a CUDA device (its decode graphs sample on "
+                          f"the device), but the policy is on {model.lm_head.weight.device}; set it false")
     decode_dtype = (torch.bfloat16 if on_cuda else None) if r.dtype == "auto" else getattr(torch, r.dtype)
     return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
                   max_num_seqs=r.max_num_seqs, seed=seed, record_routing=record_routing, compile=r.compile,
-                  gpu_memory_utilization=r.gpu_memory_utilization if on_cuda else None, dtype=decode_dtype)
+                  gpu_memory_utilization=r.gpu_memory_utilization if on_cuda else None, dtype=decode_dtype,
+                  overlap=r.overlap)
 
 
 def build_rollout_engine(recipe: Recipe, model: CausalLM, tokenizer, rank: int = 0) -> RolloutEngine:

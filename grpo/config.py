@@ -99,6 +99,9 @@ class RolloutSection:
     # Our engine: run decode steps through graphs compiled ahead of time (needs a C++ compiler; the first
     # run of a model shape compiles for tens of seconds, then the packages are cached on disk).
     compile: bool = False
+    # Our engine on CUDA: launch each decode step before reading the last one's tokens, so the host's work per
+    # step overlaps the device's (Engine(overlap=True); the same completions). Off by default until measured.
+    overlap: bool = False
 
 
 @dataclass
@@ -228,6 +231,8 @@ class Recipe:
         gpu_share = self.rollout.gpu_memory_utilization
         need(gpu_share is None or 0 < gpu_share < 1, "rollout.gpu_memory_utilization",
              f"must be in (0, 1) (a share of the free GPU memory) or null, got {gpu_share}")
+        need(not (self.rollout.overlap and self.rollout.backend == "vllm"), "rollout.overlap",
+             "is our engine's (rollout.backend: ours); vLLM schedules its own steps")
         need(self.algorithm.epsilon > 0, "algorithm.epsilon", "must be > 0")
         need(self.algorithm.beta >= 0, "algorithm.beta", "must be >= 0")
         need(self.algorithm.num_iterations >= 1, "algorithm.num_iterations", "must be >= 1")

@@ -62,6 +62,8 @@ def test_gpu_bench_on_a_cpu_checks_correctness_and_survives_a_failing_section():
     rollout = result["sections"]["rollout"]["2x4x8"]  # one workload per key (two on a GPU)
     assert rollout["ours_tokens_per_s"] > 0 and rollout["decode"]["floor_s"] > 0
     assert rollout["host_top_functions"]  # where the engine's host time goes
+    overlap = rollout["overlap"]  # Engine(overlap=True) beside the step-by-step engine (buffered path on a CPU)
+    assert overlap["same_completions"] and overlap["decode_path"] == "buffers" and overlap["overlap_tokens_per_s"] > 0
     kernels = result["sections"]["kernels"]  # each kernel against its reference (the reference itself on a CPU)
     assert kernels["attention_b8"]["rel_error"] < 1e-4 and kernels["routed_experts"]["rel_error"] < 1e-4
     assert kernels["lm_head"]["rel_error_vs_unfused"]["d_weight"] < 1e-4
@@ -75,7 +77,7 @@ def test_engine_host_bench_times_a_decode_steps_host_path_and_its_phases():
     result = run_bench("engine_host.py", "--batches", "8", "--tokens", "6", "--repeats", "1")
     assert result["step_ms"] is None and result["ragged_mean_step_ms"] is None  # batch 128 was not asked for
     for work in ("uniform", "ragged"):
-        for path, sampler in (("buffers", "counter"), ("eager", "generator")):
+        for path, sampler in (("buffers", "counter"), ("overlap", "counter"), ("eager", "generator")):
             r = result["workloads"][work][path]["8"]
             assert r["batch"] == 8 and r["sampler"] == sampler and r["decode_steps"] == (5 if work == "uniform" else 4)
             assert r["step_ms"] > 0 and r["mean_step_ms"] > 0 and len(r["runs_step_ms"]) == 1

@@ -1,8 +1,10 @@
 """grpo/build.py: a recipe becomes its pieces one way; the engine applies recipe.rollout wherever it is built,
 and both engines answer the RolloutEngine protocol's questions."""
 
+import pytest
+
 from grpo.build import build_engine, build_optimizer, build_policy, build_rewards, build_rows, build_tokenizer
-from grpo.config import load_recipe
+from grpo.config import RecipeError, load_recipe
 from grpo.rollout.engine import Engine
 from grpo.rollout.protocol import RolloutEngine
 from grpo.rollout.vllm_backend import VLLMEngine
@@ -18,6 +20,13 @@ def test_the_engine_applies_the_recipes_rollout_section():
     assert (engine.block_size, engine.max_num_seqs) == (8, 5)
     assert engine.records_routing and engine.runs_model_in_place
     engine.close()
+
+
+def test_rollout_overlap_is_refused_by_name_where_the_policy_is_not_on_cuda():
+    recipe = load_recipe(overrides=["model.preset=micro", "device=cpu", "rollout.overlap=true"])
+    tokenizer = build_tokenizer(recipe)
+    with pytest.raises(RecipeError, match="rollout.overlap: runs decode steps ahead on a CUDA device.*on cpu"):
+        build_engine(build_policy(recipe, tokenizer), tokenizer, recipe.rollout, seed=recipe.seed)
 
 
 def test_both_engines_declare_what_the_protocol_asks():

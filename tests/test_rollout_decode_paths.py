@@ -11,13 +11,14 @@ from grpo.rollout.engine import Engine
 from grpo.rollout.model_runner import ModelRunner
 from model import build_model
 from model.presets import preset_config
+from model.tokenizer import build_char_tokenizer
 
 device = devices.device
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13, 14, 15, 16], [20], [30, 31, 32, 33, 34, 35]]
 
 
-def tiny(dev: str = "cpu", dtype: torch.dtype = torch.float32):
-    model = build_model(preset_config("tiny", vocab_size=256), seed=1)
+def tiny(dev: str = "cpu", dtype: torch.dtype = torch.float32, vocab: int = 256):
+    model = build_model(preset_config("tiny", vocab_size=vocab), seed=1)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
@@ -72,16 +73,17 @@ def test_the_persistent_decode_batch_gives_the_step_what_a_full_rewrite_gives(mo
     seen = {"steps": 0, "advanced": 0, "gathered": 0, "copies_skipped": 0}
     write, run_step = DecodeBatch.write, DecodeGraphs.run
 
-    def checked_write(self, seqs, sampled):
+    def checked_write(self, seqs, sampled, chained=False):
+        assert not chained  # this engine steps one by one
         seen["advanced"] += self.seqs == seqs and self.sampled == sampled
         seen["gathered"] += 0 < len(seqs) < len(self.seqs) and {id(s) for s in seqs} <= {id(s) for s in self.seqs}
         fresh = SimpleNamespace(host_rows=np.zeros_like(self.rows), host_table_rows=np.zeros_like(self.tables),
                                 host_temperature_row=np.zeros_like(self.temperature))
         seen["fresh"] = (fresh, write(DecodeBatch(fresh, self.block_size), seqs, sampled)[0])
-        return write(self, seqs, sampled)
+        return write(self, seqs, sampled, chained)
 
-    def checked_run(self, batch, width, sampled, tables=True, temperature=True):
-        out = run_step(self, batch, width, sampled, tables, temperature)
+    def checked_run(self, batch, width, sampled, tables=True, temperature=True, after=None):
+        out = run_step(self, batch, width, sampled, tables, temperature, after)
         fresh, fresh_width = seen["fresh"]
         assert width == fresh_width
         rows = 7 if sampled else 4
@@ -100,6 +102,89 @@ def test_the_persistent_decode_batch_gives_the_step_what_a_full_rewrite_gives(mo
     outs = engine.generate(PROMPTS[:2] * 2, params * 2)
     assert engine.last_stats["preemptions"] > 0 and "stop" in {c.finish_reason for o in outs for c in o.completions}
     assert 0 < seen["copies_skipped"] < seen["advanced"] < seen["steps"] and seen["gathered"] > 0
+
+
+TOK = build_char_tokenizer()
+OVERLAP_CASES = {
+    "uniform": ([SamplingParams(n=5, temperature=0.8, max_tokens=40, ignore_eos=True, seed=4)], {}),
+    # Sequences end at EOS and stop tokens (found one step late) and at four different lengths (one token:
+    # left out of the step after its first), and a greedy request rides along.
+    "stops_and_lengths": ([SamplingParams(n=4, temperature=1.0, max_tokens=m, seed=7, stop_token_ids=[20, 30, 40])
+                           for m in (30, 5, 17, 1)] + [SamplingParams(temperature=0, max_tokens=12)], {}),
+    "stop_strings": ([SamplingParams(n=3, temperature=1.0, max_tokens=32, seed=9,
+                                     stop=[TOK.decode([50]), TOK.decode([60, 61])])] * 4, {}),
+    # Fewer seats than sequences (they wait for one to end) and a pool that runs dry (preemptions): the steps
+    # that admit or preempt wait for the tokens of the step in flight.
+    "waiting_and_preempted": ([SamplingParams(n=4, temperature=0.9, max_tokens=40, seed=3)],
+                              {"max_num_seqs": 10, "block_size": 4, "num_blocks": 36}),
+}
+
+
+@pytest.mark.parametrize("case", OVERLAP_CASES)
+def test_overlapped_decode_gives_the_step_by_step_completions(case, device, monkeypatch):
+    """Engine(overlap=True) launches each decode step before reading the one before it (its input tokens taken
+    on the device); the completions, their finish reasons and log-probs are those of the step-by-step engine,
+    whatever ends the sequences. On a CPU the buffered path runs the same bookkeeping (nothing runs
+    asynchronously there); on CUDA the captured graphs with their read-back in flight."""
+    from grpo.rollout.model_runner import ModelRunner as Runner
+
+    params, options = OVERLAP_CASES[case]
+    params = params * len(PROMPTS) if len(params) == 1 else params
+    prompts = (PROMPTS * 2)[: len(params)]  # the fifth is the first again: one prefill shared
+    path = "graphs" if device == "cuda" else "buffers"
+    model = tiny(device, vocab=len(TOK))
+    kw = {"block_size": 16, "num_blocks": 64, **options}
+    seen = {"chained": 0, "dead_rows": 0}
+    launch, collect = Runner.launch_decode, Engine._collect
+
+    def counted_launch(self, seqs, after=None):
+        seen["chained"] += after is not None
+        return launch(self, seqs, after)
+
+    def counted_collect(self, pending, *args):
+        seen["dead_rows"] += sum(s.status.value == "finished" for s in pending.seqs)
+        return collect(self, pending, *args)
+
+    stepwise_engine = Engine(model, TOK, decode_path=path, sampler="counter", **kw)
+    stepwise = [c for o in stepwise_engine.generate(prompts, params) for c in o.completions]
+    monkeypatch.setattr(Runner, "launch_decode", counted_launch)
+    monkeypatch.setattr(Engine, "_collect", counted_collect)
+    overlapped_engine = Engine(model, TOK, decode_path=path, sampler="counter", overlap=True, **kw)
+    overlapped = [c for o in overlapped_engine.generate(prompts, params) for c in o.completions]
+    assert [c.token_ids for c in overlapped] == [c.token_ids for c in stepwise]
+    assert [c.finish_reason for c in overlapped] == [c.finish_reason for c in stepwise]
+    assert [c.text for c in overlapped] == [c.text for c in stepwise]
+    for a, b in zip(stepwise, overlapped):
+        assert max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs)), default=0.0) < 1e-4
+    # Most steps ran ahead; where sequences wait for seats or are preempted, those steps wait for the tokens.
+    assert seen["chained"] > (0.2 if case == "waiting_and_preempted" else 0.6) * stepwise_engine.last_stats["steps"]
+    reasons = {c.finish_reason for c in stepwise}
+    if "stop" in reasons:  # a sequence ended by a token found one step late ran a step for nothing
+        assert seen["dead_rows"] > 0
+    if case == "waiting_and_preempted":
+        assert overlapped_engine.last_stats["preemptions"] > 0 and stepwise_engine.last_stats["preemptions"] > 0
+        assert reasons == {"stop", "length"}
+
+
+def test_overlap_needs_the_counter_sampler_on_a_buffered_path_and_steps_one_by_one_where_it_cannot_run_ahead(
+        monkeypatch):
+    with pytest.raises(ValueError, match="overlap=True.*sampler='counter'.*decode_path 'buffers' or 'graphs'"):
+        Engine(tiny(), overlap=True)  # the CPU defaults: the generator sampler, the eager path
+    with pytest.raises(ValueError, match="got sampler='generator'"):
+        Engine(tiny(), overlap=True, decode_path="buffers", sampler="generator")
+    from grpo.rollout.model_runner import ModelRunner as Runner
+
+    chained = []
+    launch = Runner.launch_decode
+    monkeypatch.setattr(Runner, "launch_decode", lambda self, seqs, after=None: (chained.append(after is not None),
+                                                                                 launch(self, seqs, after))[1])
+    engine = Engine(tiny(), block_size=16, num_blocks=64, decode_path="buffers", sampler="counter", overlap=True)
+    filtered = SamplingParams(n=2, temperature=1.0, top_k=20, max_tokens=8, ignore_eos=True, seed=1)
+    engine.generate(PROMPTS, filtered)  # top-k samples from the logits on the host: no step runs ahead
+    assert not any(chained)
+    with pytest.raises(RuntimeError, match="cannot record routing"):
+        engine.runner.record_routing = True
+        engine.runner.launch_decode([], after=object())  # type: ignore[arg-type]
 
 
 def test_the_graph_a_batch_replays_is_found_by_its_padded_size():

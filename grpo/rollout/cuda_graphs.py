@@ -12,6 +12,10 @@ size of a ladder, and each step then copies its inputs into the buffers the grap
 - Graphs are captured lazily, the first time a padded size is met, and all share one memory pool. Where the
   rows sample with the counter sampler and no filters, the sampler is in the graph too (`run(sampled=True)`),
   and a step's only device -> host copy is its tokens and their log-probs (`read_tokens`).
+- Overlap (`Engine(overlap=True)`): a sampled step may be launched before the host has read the step before it.
+  Its rows then take their input tokens from that step's output on the device (`run(after=...)`, by the
+  `sources` row), the output is read back through one of two pinned buffers in turn (`start_read`), and the
+  host waits for the last step's input copy before it rewrites the pinned inputs (`wait_host_inputs`).
 - A graph reads the weights at the addresses they had when it was captured. At every `generate` the weights
   derived from the parameters (MLA's absorbed projections, stacked MLP weights) are remade in place, since an
   optimizer step may have moved the parameters (fused AdamW leaves no trace in their version counters); if a
@@ -27,7 +31,8 @@ import torch
 from model import CausalLM, LatentCache, kernels
 from model.cache import PagedCacheView
 
-ROWS = ("ids", "positions", "slots", "lengths", "seeds", "draws", "greedy")  # the int64 input rows, in order
+# The int64 input rows, in order. sources: with overlap, the row of the step before whose sampled token a row feeds.
+ROWS = ("ids", "positions", "slots", "lengths", "seeds", "draws", "greedy", "sources")
 # Padded batch sizes: at most a third of a replay is padding, and few graphs to capture.
 LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -70,8 +75,12 @@ class DecodeGraphs:
         # NumPy views of the same host memory: rows are written from Python lists at NumPy's speed, not torch's
         self.host_rows, self.host_table_rows = self.host_inputs.numpy(), self.host_tables.numpy()
         self.host_temperature_row = self.host_temperature.numpy()
-        self.padding = np.array([0, 0, scratch_block * block_size, 1, 0, 0, 1])[:, None]
-        self.host_out = torch.zeros(2 * B, dtype=torch.float64, pin_memory=pin)  # a sampled step's [2, P] (on CUDA)
+        self.padding = np.array([0, 0, scratch_block * block_size, 1, 0, 0, 1, 0])[:, None]
+        # A sampled step's [2, P] read back (on CUDA): two buffers used in turn, so that with overlap the step in
+        # flight copies into one while the host reads the step before from the other.
+        self.host_out = torch.zeros(2, 2 * B, dtype=torch.float64, pin_memory=pin)
+        self.out_turn = 0
+        self.inputs_copied: torch.cuda.Event | None = None  # recorded after a step's host -> device copies
         # (padded size, sampled?) -> the graph and its output: logits [P, V], or [2, P] tokens and log-probs
         self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool = None
@@ -115,14 +124,18 @@ class DecodeGraphs:
                                                   self.inputs[5, :size], self.inputs[6, :size] != 0)
         return torch.stack([tokens.double(), logprobs.double()])
 
-    def run(self, batch: int, width: int, sampled: bool, tables: bool = True, temperature: bool = True) -> torch.Tensor:
+    def run(self, batch: int, width: int, sampled: bool, tables: bool = True, temperature: bool = True,
+            after: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step of the `batch` sequences whose inputs are in the host buffers' first rows (written by
         `DecodeBatch`: ids, positions, slots, lengths, and with `sampled` the sampler's rows and temperatures;
         block tables `width` columns wide). Pads the rest of the padded size, copies them to the device buffers
         (the tables and temperatures only when `tables`, `temperature`: False when the device's are the same as
         the last step's) and runs the step (replays its graph). Returns logits [batch, V] float32, or with
         `sampled` the [2, padded size] tokens and log-probs (float64) for `read_tokens`; a view of the graph's
-        output, valid until the next step."""
+        output, valid until the next step.
+
+        after: the sampled output [2, P'] of the step before, not yet read by the host (overlap): row b's input
+        token is the one row `sources[b]` sampled there, gathered on the device (the host's ids row is stale)."""
         if self.max_batch < batch:
             raise ValueError(f"a decode step of {batch} sequences, but the graphs were sized for {self.max_batch}")
         if width > self.tables.shape[1]:
@@ -137,6 +150,11 @@ class DecodeGraphs:
         if sampled and temperature:
             self.host_temperature_row[batch:size] = 1.0
             self.temperature[:size].copy_(self.host_temperature[:size], non_blocking=True)
+        if self.inputs.device.type == "cuda":
+            self.inputs_copied = torch.cuda.Event()
+            self.inputs_copied.record()
+        if after is not None:
+            self.inputs[0, :batch] = after[0].long()[self.inputs[7, :batch]]
         if not self.capture:
             out = self._step(size, sampled, width)
         else:
@@ -147,15 +165,36 @@ class DecodeGraphs:
             graph.replay()
         return out if sampled else out[:batch]
 
-    def read_tokens(self, out: torch.Tensor, batch: int) -> tuple[list[int], list[float]]:
-        """A sampled step's output [2, P] -> the first `batch` rows' tokens and log-probs, in the step's one
-        device -> host copy (all of it, contiguous, into pinned memory: no gather on the device first; on a CPU
-        the output is read where it is)."""
-        host = out
-        if out.device.type != "cpu":
-            host = self.host_out[: out.numel()].view(out.shape)
-            host.copy_(out)
+    def wait_host_inputs(self) -> None:
+        """Blocks until the last step's host -> device input copies ran, so the pinned inputs may be rewritten
+        (with overlap that step may still be queued behind the one before; otherwise it has long run)."""
+        if self.inputs_copied is not None:
+            self.inputs_copied.synchronize()
+
+    def start_read(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Starts a sampled step's one device -> host copy: its output [2, P], whole and contiguous (no gather on
+        the device first), into the next pinned buffer. Returns that host tensor and the event to wait on before
+        reading it (on a CPU the output itself, read where it is, and None)."""
+        if out.device.type == "cpu":
+            return out, None
+        self.out_turn ^= 1
+        host = self.host_out[self.out_turn, : out.numel()].view(out.shape)
+        host.copy_(out, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @staticmethod
+    def tokens_of(host: torch.Tensor, batch: int) -> tuple[list[int], list[float]]:
+        """A read-back output [2, P] -> the first `batch` rows' tokens and log-probs."""
         return host[0, :batch].long().tolist(), host[1, :batch].tolist()
+
+    def read_tokens(self, out: torch.Tensor, batch: int) -> tuple[list[int], list[float]]:
+        """A sampled step's output [2, P] -> the first `batch` rows' tokens and log-probs (`start_read`, waited on)."""
+        host, event = self.start_read(out)
+        if event is not None:
+            event.synchronize()
+        return self.tokens_of(host, batch)
 
     def _capture(self, size: int, sampled: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (Triton compiles, derived weights are made), then capture. The warm-up

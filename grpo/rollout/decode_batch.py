@@ -7,7 +7,11 @@ index advance by one, and its block table changes only when that token starts a 
 prepare_append` appended one; a copy on write or a prefill in between makes the runner `forget` the batch, so
 every other change of a table comes with a full rewrite). Sequences that left (finished, preempted, paused for a
 tool) take their rows with them: the rest are gathered to the front in one NumPy operation per buffer. The rows
-that are rewritten every step (ids, slots) are one NumPy operation each, not a Python loop over the sequences."""
+that are rewritten every step (ids, slots) are one NumPy operation each, not a Python loop over the sequences.
+
+With overlap (`Engine(overlap=True)`) a step is written before the host has the tokens the last step sampled: it
+must be the last step's sequences or some of them, each row names the last step's row it follows (`sources`),
+and the device takes the ids from there."""
 
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ class DecodeBatch:
 
     def __init__(self, graphs: DecodeGraphs, block_size: int):
         self.block_size = block_size
-        self.rows = graphs.host_rows  # [ROWS, P] int64: ids, positions, slots, lengths, seeds, draws, greedy
+        self.rows = graphs.host_rows  # [ROWS, P] int64: ids, positions, slots, lengths, seeds, draws, greedy, sources
         self.tables = graphs.host_table_rows  # [P, W] int32
         self.temperature = graphs.host_temperature_row  # [P] float32
         self.index = np.arange(self.rows.shape[1])
@@ -54,19 +58,28 @@ class DecodeBatch:
         """The next step rewrites every row (a new generate, a prefill or a copy on write came in between)."""
         self.seqs = []
 
-    def write(self, seqs: list[Sequence], sampled: bool) -> tuple[int, bool, bool]:
+    def write(self, seqs: list[Sequence], sampled: bool, chained: bool = False) -> tuple[int, bool, bool]:
         """Writes a decode step of `seqs` (one uncached token each) into rows [:len(seqs)], with the sampler's
         inputs when `sampled`. Returns the block tables' width (the longest table) and whether the tables and
-        the temperatures changed since the last step (else the device buffers still hold them: no copy)."""
+        the temperatures changed since the last step (else the device buffers still hold them: no copy).
+
+        chained: the last step's tokens are not read yet (overlap): `seqs` must be its sequences or some of them,
+        whose input is the token they sampled there; the `sources` row says in which of its rows."""
         if sampled == self.sampled and len(seqs) == len(self.seqs) and seqs == self.seqs:  # the same objects
-            changed = self._advance(seqs)
+            changed = self._advance(seqs, chained)
+            if chained:
+                self.rows[7, : len(seqs)] = self.index[: len(seqs)]
             return self.width, changed, False
         kept = self._rows_of(seqs) if sampled == self.sampled else None
         if kept is not None:  # some of the last step's sequences left
             self._keep(kept)
             self.seqs = list(seqs)
-            self._advance(seqs)
+            self._advance(seqs, chained)
+            if chained:
+                self.rows[7, : len(seqs)] = kept
             return self.width, True, sampled
+        if chained:
+            raise RuntimeError("a decode step chained to the last one (overlap) must run its sequences or some of them")
         self._rewrite(seqs, sampled)
         self.seqs, self.sampled = list(seqs), sampled
         return self.width, True, sampled
@@ -101,11 +114,13 @@ class DecodeBatch:
             rows[5, :B] = rows[3, :B] - [s.prompt_len for s in seqs]  # the index of the token it draws
             rows[6, :B] = [s.params.greedy for s in seqs]
 
-    def _advance(self, seqs: list[Sequence]) -> bool:
-        """The last step's sequences (or those still running, gathered to the front), one token further. Returns
-        whether a block table changed."""
+    def _advance(self, seqs: list[Sequence], chained: bool = False) -> bool:
+        """The last step's sequences (or those still running, gathered to the front), one token further (their
+        ids from the host, unless `chained`: from the last step's output on the device). Returns whether a block
+        table changed."""
         B, rows, bs = len(seqs), self.rows, self.block_size
-        rows[0, :B] = [s.token_ids[-1] for s in seqs]
+        if not chained:
+            rows[0, :B] = [s.token_ids[-1] for s in seqs]
         positions = rows[1, :B]
         positions += 1
         rows[3, :B] = positions + 1

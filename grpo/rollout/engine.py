@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from model import CausalLM
 
 from .block_manager import BlockManager
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, PendingStep
 from .outputs import Completion, RequestOutput
 from .sampler import SAMPLERS, sample
 from .sampling_params import SamplingParams
@@ -63,13 +63,20 @@ class Engine:
         `torch.Generator` per sequence) or "counter" (a hash of seed, position and token; no generator
         objects, no host sync). None: "counter" when the model is on CUDA, else "generator", so CPU runs
         sample exactly as they always have. Both keep a seeded completion independent of its batch.
+    overlap: launch each decode step before reading the one before it, so that on a GPU the host reads tokens,
+        ends sequences and prepares the next step while the device runs this one (vLLM's async scheduling,
+        SGLang's overlap scheduler). Each sequence feeds the token it sampled there, taken on the device; one
+        that the unread token ends (EOS, a stop token or string) runs one step for nothing, whose row is dropped,
+        and one that it brings to max_tokens is left out. Completions are the same as without it. Needs the
+        counter sampler on a buffered decode path; a call with top-k/top-p/min-p, tool episodes, or an engine
+        that records routing runs step by step.
     """
 
     def __init__(self, model: CausalLM, tokenizer=None, *, block_size: int = 16, num_blocks: int | None = None,
                  cache_memory_bytes: int = 256 * 1024**2, max_num_seqs: int = 256, max_prefill_tokens: int = 8192,
                  seed: int = 0, record_routing: bool = False, compile: bool = False, sampler: str | None = None,
                  decode_path: str | None = None, gpu_memory_utilization: float | None = None,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, overlap: bool = False):
         on_cuda = model.lm_head.weight.device.type == "cuda"
         self.policy = model  # where the weights come from (the trainer's model)
         self.decodes_a_copy = dtype is not None and dtype != model.lm_head.weight.dtype
@@ -82,6 +89,11 @@ class Engine:
             raise ValueError(f"Engine(sampler={sampler!r}): allowed are {', '.join(map(repr, SAMPLERS))} "
                              "or None (counter on CUDA, generator elsewhere)")
         self.sampler = sampler
+        if overlap and (sampler != "counter" or self.decode_path == "eager"):
+            raise ValueError(f"Engine(overlap=True) needs sampler='counter' and decode_path 'buffers' or 'graphs' "
+                             f"(the sampler in the step, its output kept on the device); got sampler={sampler!r}, "
+                             f"decode_path={self.decode_path!r}")
+        self.overlap = overlap
         self.model, self.tokenizer = model, tokenizer
         self.compile = compile and self.decode_path == "eager"  # the other paths never run the compiled step
         self._compile_if_asked(model)
@@ -180,10 +192,23 @@ class Engine:
         total = sum(sp.n for sp in params_list)
         bar = tqdm(total=total, desc="rollout", unit="seq", disable=not use_tqdm)
         steps = prefill_tokens = 0
+        # Overlap: every decode step samples on the device, and one may be in flight, its tokens unread.
+        ahead = self.overlap and episodes is None and not self._filters and not self.runner.record_routing
+        pending: PendingStep | None = None
         while not scheduler.done:
+            if pending is not None and not (any(map(self._goes_on, pending.seqs)) and scheduler.decodes_running_as_is()):
+                self._collect(pending, scheduler, outputs, bar)  # its tokens decide what comes next
+                pending = None
+                continue
             batch, prefill, copies = scheduler.schedule()
             self.runner.copy_blocks(copies)
             steps += 1
+            if ahead and not prefill:
+                launched = self._launch_ahead(batch, pending)
+                if pending is not None:
+                    self._collect(pending, scheduler, outputs, bar)
+                pending = launched
+                continue
             if not prefill and self._samples_on_device(batch):
                 tokens, logprobs = self.runner.decode_tokens(batch)
                 self._append(batch, tokens, logprobs, scheduler, outputs, bar, episodes)
@@ -212,6 +237,8 @@ class Engine:
                     seqs.append(seq)
             tokens, logprobs = self._sample(logits if rows == list(range(len(batch))) else logits[rows], seqs)
             self._append(seqs, tokens, logprobs, scheduler, outputs, bar, episodes)
+        if pending is not None:  # a last step whose sequences had all ended: wait for the device, keep nothing
+            self._collect(pending, scheduler, outputs, bar)
         bar.close()
         self.runner.forget_batch()  # its persistent decode batch holds the last step's sequences
         self.last_stats = {"steps": steps, "preemptions": scheduler.num_preemptions,
@@ -219,6 +246,28 @@ class Engine:
         return outputs
 
     # ----- helpers -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _goes_on(seq: Sequence) -> bool:
+        """Overlap: whether a sequence of the unread step runs the step after it (not ended by the step before,
+        not brought to max_tokens by the unread token)."""
+        return seq.status is Status.RUNNING and seq.num_completion_tokens + 1 < seq.params.max_tokens
+
+    def _launch_ahead(self, batch: list[Sequence], pending: PendingStep | None) -> PendingStep:
+        """Overlap: launches the decode step of `batch` while `pending` (the step before, if any) is unread, leaving
+        out the sequences its token brings to max_tokens."""
+        if pending is not None:
+            batch = [s for s in batch if self._goes_on(s)]
+        return self.runner.launch_decode(batch, after=pending)
+
+    def _collect(self, pending: PendingStep, scheduler: Scheduler, outputs: list[RequestOutput], bar) -> None:
+        """Overlap: reads a launched step's tokens and appends them to its sequences still running (one that
+        the step before ended ran this step for nothing)."""
+        tokens, logprobs = pending.result()
+        live = [i for i, s in enumerate(pending.seqs) if s.status is Status.RUNNING]
+        if len(live) < len(pending.seqs):
+            pending.seqs, tokens, logprobs = ([x[i] for i in live] for x in (pending.seqs, tokens, logprobs))
+        self._append(pending.seqs, tokens, logprobs, scheduler, outputs, bar, None)
+
     def _append(self, seqs: list[Sequence], tokens: list[int], logprobs: list[float], scheduler: Scheduler,
                 outputs: list[RequestOutput], bar, episodes) -> None:
         """Each sequence takes its new token; the finished ones leave the scheduler for their output slot, and

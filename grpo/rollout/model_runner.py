@@ -17,6 +17,21 @@ from .sequence import Sequence
 DECODE_PATHS = ("eager", "buffers", "graphs")
 
 
+class PendingStep:
+    """A sampled decode step launched on the device whose tokens the host has not read yet (overlap): `seqs` in
+    row order, their output [2, P] on the device, and its read-back under way."""
+
+    def __init__(self, seqs: list[Sequence], out: torch.Tensor, graphs: DecodeGraphs):
+        self.seqs, self.out = seqs, out
+        self.host, self.event = graphs.start_read(out)
+
+    def result(self) -> tuple[list[int], list[float]]:
+        """Waits for the read-back; the sequences' sampled tokens and their log-probs, row by row."""
+        if self.event is not None:
+            self.event.synchronize()
+        return DecodeGraphs.tokens_of(self.host, len(self.seqs))
+
+
 class ModelRunner:
     """decode_path: how decode steps run.
       "eager":   the CPU's path: inputs built per step, the context staged (or read in place by the compiled
@@ -179,16 +194,18 @@ class ModelRunner:
             s.num_cached = n
         return self.model.logits(last).float()
 
-    def _decode_buffered(self, seqs: list[Sequence], sampled: bool = False):
+    def _decode_buffered(self, seqs: list[Sequence], sampled: bool = False, after: PendingStep | None = None):
         """A decode step through the persistent buffers (and CUDA graphs): logits [B, V] float32, or `sampled`
-        (the counter sampler in the step, `decode_tokens`) the sampled tokens and log-probs."""
+        (the counter sampler in the step, `decode_tokens`) the sampled tokens and log-probs, or (`launch_decode`)
+        the step's output [2, P] on the device, unread."""
         graphs, batch = self.decode_graphs, self.decode_batch
         assert graphs is not None and batch is not None
-        width, tables, temperature = batch.write(seqs, sampled)
+        graphs.wait_host_inputs()
+        width, tables, temperature = batch.write(seqs, sampled, chained=after is not None)
         if self.record_routing:
             self.model.record_routing(True)
         try:
-            out = graphs.run(len(seqs), width, sampled, tables, temperature)
+            out = graphs.run(len(seqs), width, sampled, tables, temperature, None if after is None else after.out)
             routing = self.model.recorded_routing() if self.record_routing else None  # [P, 1, M, K]
         finally:
             if self.record_routing:
@@ -198,13 +215,22 @@ class ModelRunner:
             for b, s in enumerate(seqs):
                 s.routing = [*s.routing, routing[b]]
         for s in seqs:
-            s.num_cached = len(s.token_ids)
-        return graphs.read_tokens(out, len(seqs)) if sampled else out
+            s.num_cached += 1  # its fed token (chained: the one still to be appended from the step before)
+        return out
 
     def decode_tokens(self, seqs: list[Sequence]) -> tuple[list[int], list[float]]:
         """A decode step with the counter sampler (no filters) run on the device after it (in the same CUDA
         graph), each sequence drawing with its own temperature, seed and draw index: their next tokens and
         their log-probs. Needs the buffered or graphs path."""
+        return self.launch_decode(seqs).result()
+
+    def launch_decode(self, seqs: list[Sequence], after: PendingStep | None = None) -> PendingStep:
+        """`decode_tokens` without waiting: the step is queued on the device and its tokens are read with
+        `PendingStep.result()`. after: the step before, still unread (overlap): `seqs` are its sequences or some
+        of them, each feeding the token it sampled there (taken on the device), and each sequence's
+        `num_cached` counts that token already, one ahead of its `token_ids` until the host appends it."""
         if self.decode_graphs is None:
             raise RuntimeError("decode_tokens needs decode_path 'buffers' or 'graphs'")
-        return self._decode_buffered(seqs, sampled=True)
+        if after is not None and self.record_routing:
+            raise RuntimeError("a chained decode step (overlap) cannot record routing: the experts are read per step")
+        return PendingStep(list(seqs), self._decode_buffered(seqs, sampled=True, after=after), self.decode_graphs)

@@ -74,6 +74,16 @@ class Scheduler:
         self.num_preemptions += 1
         return True
 
+    def decodes_running_as_is(self) -> bool:
+        """Whether the next `schedule` is a decode of the running sequences that admits none, preempts none and
+        copies no block: what a step launched before the last step's tokens are read needs (overlap). A waiting
+        sequence with a seat free counts as admitted."""
+        if self.waiting and len(self.running) + max(1, len(self.waiting[0].fan_out)) <= self.max_num_seqs:
+            return False
+        growing = self.blocks.growing(self.running)
+        bs = self.blocks.block_size
+        return len(growing) <= self.blocks.num_free and all(s.num_cached // bs >= len(s.block_table) for s in growing)
+
     def _prepare_decode(self) -> tuple[list[Sequence], bool, list[tuple[int, int]]]:
         while len(growing := self.blocks.growing(self.running)) > self.blocks.num_free:
             if len(self.running) == 1:
