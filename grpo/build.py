@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from rewards.sandbox_fs import require_strict
 
 from .config import Recipe, RecipeError, RolloutSection, check_device
 from .data import load_rows
+from .rollout.cpu_features import cpu_has_bf16_dot
 from .rollout.protocol import RolloutEngine
 
 Device = str | torch.device
@@ -162,6 +164,11 @@ def build_engine(model: CausalLM, tokenizer, rollout: RolloutSection | None = No
         raise RecipeError(f"rollout.overlap: runs decode steps ahead on a CUDA device (its decode graphs sample on "
                           f"the device), but the policy is on {model.lm_head.weight.device}; set it false")
     decode_dtype = (torch.bfloat16 if on_cuda else None) if r.dtype == "auto" else getattr(torch, r.dtype)
+    if decode_dtype == torch.bfloat16 and model.lm_head.weight.device.type == "cpu" and not cpu_has_bf16_dot():
+        # measured on an AVX2-only EPYC: a tenth of float32's tokens/s, compiled or eager (README, Rollouts)
+        warnings.warn("rollout.dtype: bfloat16 on a CPU without AVX-512 BF16 or AMX, where every bfloat16 matmul "
+                      "is converted to float32 and back: expect about a tenth of float32's rollout speed; "
+                      "rollout.dtype: auto keeps float32 on such a CPU", RuntimeWarning, stacklevel=2)
     return Engine(model, tokenizer, block_size=r.block_size, cache_memory_bytes=r.cache_memory_mb * 1024**2,
                   max_num_seqs=r.max_num_seqs, seed=seed, record_routing=record_routing, compile=r.compile,
                   gpu_memory_utilization=r.gpu_memory_utilization if on_cuda else None, dtype=decode_dtype,

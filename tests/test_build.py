@@ -29,6 +29,29 @@ def test_rollout_overlap_is_refused_by_name_where_the_policy_is_not_on_cuda():
         build_engine(build_policy(recipe, tokenizer), tokenizer, recipe.rollout, seed=recipe.seed)
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_a_bfloat16_rollout_warns_only_on_a_cpu_that_does_not_multiply_bfloat16(monkeypatch, native_bf16):
+    import warnings
+
+    import grpo.build
+
+    monkeypatch.setattr(grpo.build, "cpu_has_bf16_dot", lambda: native_bf16)
+    recipe = load_recipe(overrides=["model.preset=micro", "device=cpu", "rollout.dtype=bfloat16"])
+    tokenizer = build_tokenizer(recipe)
+    policy = build_policy(recipe, tokenizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = build_engine(policy, tokenizer, recipe.rollout, seed=recipe.seed)
+        float32_engine = build_engine(policy, tokenizer, load_recipe(overrides=["model.preset=micro"]).rollout)
+    said = [str(w.message) for w in caught if "rollout.dtype" in str(w.message)]
+    assert len(said) == (0 if native_bf16 else 1)  # the float32 engine never warns
+    assert engine.decodes_a_copy and not float32_engine.decodes_a_copy
+    if not native_bf16:
+        assert "without AVX-512 BF16 or AMX" in said[0] and "rollout.dtype: auto keeps float32" in said[0]
+    engine.close()
+    float32_engine.close()
+
+
 def test_both_engines_declare_what_the_protocol_asks():
     for cls in (Engine, VLLMEngine):
         for name in ("generate", "update_weights", "close", "records_routing", "runs_model_in_place"):

