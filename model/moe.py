@@ -28,7 +28,9 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> [..., D]."""
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            # Under torch.compile (the trainer's full-sequence forwards) too: dynamo would guard on the derived
+            # copies' state and compile the block again when they are made.
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         # Inference (rollouts): one matmul for gate and up, over weights derived once per weight version.
         return swiglu(x, *self.decode_weights())

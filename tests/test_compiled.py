@@ -333,3 +333,28 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
     assert torch._dynamo.utils.counters["frames"]["ok"] > frames_before  # the blocks did run compiled
     # whole: the expert dispatch reads nothing back to the host when training, so nothing breaks the graph
     assert sum(torch._dynamo.utils.counters["graph_break"].values()) == breaks_before
+
+
+def test_compiled_blocks_compile_once_per_block_kind_and_grad_mode(monkeypatch):
+    """The trainer's forwards alternate between no_grad (reference and old log-probs) and training, with the
+    weights changing in between. What the first step compiles (each block kind, dense and MoE, once per grad
+    mode), later steps, of new shapes, reuse: a recompile costs ~10 s on the tiny model."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("inductor")
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend=counter, **kw))
+    torch._dynamo.reset()
+    m = make_model({}, seed=3).compile_blocks()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(4)
+    for step, shape in enumerate(((8, 10), (6, 13), (8, 11))):  # over 64 tokens: no small-batch expert path
+        ids = torch.randint(3, 61, shape, generator=g)
+        with torch.no_grad():
+            m.eval()(ids)
+        m.train()(ids).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 0:
+            compiles = counter.frame_count
+    assert compiles > 0 and counter.frame_count == compiles
