@@ -3,9 +3,11 @@
 Same tiny DeepseekV3 config and character tokenizer (../shared/peers/tiny_setup.py), same work: 4 prompts x
 8 completions x up to N tokens (N = 32, then 128), beta 0.04 (a reference forward), lr 1e-4, one optimizer
 update per step. Each trainer runs in its own process (its own peak RSS); the median step time after a
-warm-up step is reported, with where our step's time goes.
+warm-up step is reported, with where our step's time goes. With `--repeats N` every runner runs N times,
+the runners taking turns within each repeat (so a machine that speeds up or slows down over the run moves
+them alike): each figure is the median over the repeats, and `spread` lists the repeats' own ratios.
 
-    python bench/grpo_step.py [--steps 6] [--threads 2]
+    python bench/grpo_step.py [--steps 6] [--threads 2] [--repeats 3]
 
 "ours" runs the trainer as a recipe starts by default; "ours-compiled" with `rollout.compile=true` (decode
 steps through graphs compiled ahead of time, before the first step) and `optim.compile=true` (the blocks
@@ -120,6 +122,7 @@ def trl_missing() -> str | None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each runner, taking turns (default %(default)s)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", default="32,128", help="comma-separated completion lengths (default %(default)s)")
     ap.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated, of {', '.join(RUNNERS)}")
@@ -157,7 +160,7 @@ def main() -> None:
     cpu = cpu_info(args.threads)
     print(f"CPU: {describe(cpu)}, {args.threads} threads", flush=True)
     sys.path.insert(0, str(PEERS))
-    results: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}  # "<runner>_<tokens>": one result per repeat
     with tempfile.TemporaryDirectory() as tmp:
         from model import build_model
         from model.config import ModelConfig
@@ -176,24 +179,28 @@ def main() -> None:
         ckpt = f"{tmp}/ckpt"
         build_model(cfg, seed=0).save_pretrained(ckpt)
         tok.save_pretrained(ckpt)
-        for tokens in token_counts:
-            for which in runners:
-                if which in failed:
-                    continue
-                work = Path(tmp, f"{which}-{tokens}")
-                work.mkdir()
-                cmd = [sys.executable, __file__, "--steps", str(args.steps), "--threads", str(args.threads),
-                       "--device", args.device,
-                       "--child", which, ckpt, str(tokens), str(work)]
-                fail = {FAIL_ENV: "1"} if which in args.fail_peer else {}
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
-                                      env={**os.environ, **fail,  # keeps a PYTHONPATH of carried wheels
-                                           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
-                if proc.returncode != 0:
-                    failed[which] = failure_reason(proc.stderr)
-                    print(f"{which} failed at {tokens} tokens: {failed[which]}", file=sys.stderr, flush=True)
-                    continue
-                results[f"{which}_{tokens}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        for repeat, tokens, which in ((r, t, w) for r in range(args.repeats) for t in token_counts for w in runners):
+            if which in failed:
+                continue
+            work = Path(tmp, f"{which}-{tokens}-{repeat}")
+            work.mkdir()
+            cmd = [sys.executable, __file__, "--steps", str(args.steps), "--threads", str(args.threads),
+                   "--device", args.device,
+                   "--child", which, ckpt, str(tokens), str(work)]
+            fail = {FAIL_ENV: "1"} if which in args.fail_peer else {}
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                  env={**os.environ, **fail,  # keeps a PYTHONPATH of carried wheels
+                                       "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+            if proc.returncode != 0:
+                failed[which] = failure_reason(proc.stderr)
+                print(f"{which} failed at {tokens} tokens: {failed[which]}", file=sys.stderr, flush=True)
+                continue
+            runs.setdefault(f"{which}_{tokens}", []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
+    spread = {f"{which}_{tokens}": [round(t["s_per_step"] / o["s_per_step"], 2)
+                                    for t, o in zip(runs[f"trl_{tokens}"], runs[f"{which}_{tokens}"])]
+              for tokens in token_counts for which in ("ours", "ours-compiled")
+              if f"trl_{tokens}" in runs and f"{which}_{tokens}" in runs}
     for tokens in token_counts:
         t = results.get(f"trl_{tokens}")
         for which in ("ours", "ours-compiled"):
@@ -204,6 +211,8 @@ def main() -> None:
             if t:
                 line += (f", TRL {t['s_per_step']:.3f} s/step ({t['peak_rss_mb']:.0f} MB), "
                          f"{t['s_per_step'] / o['s_per_step']:.2f}x")
+            if len(spread.get(f"{which}_{tokens}", ())) > 1:
+                line += f" (repeats: {', '.join(f'{x:.2f}x' for x in spread[f'{which}_{tokens}'])})"
             print(line)
             print(f"      {which}: rollout {o['rollout_s']:.3f} s, reference log-probs {o['ref_logprobs_s']:.3f} s, "
                   f"update {o['update_s']:.3f} s; mean completion {o['mean_completion_length']:.0f} tokens")
@@ -223,8 +232,8 @@ def main() -> None:
         "ours_peak_rss_mb": get(o, "peak_rss_mb"), "trl_peak_rss_mb": get(t, "peak_rss_mb"),
         "speedup": ratio(t, o), "ours_compiled_s_per_step": get(c, "s_per_step"),
         "ours_compiled_peak_rss_mb": get(c, "peak_rss_mb"), "compiled_speedup": ratio(t, c),
-        "failed": failed, "results": results, "cpu": cpu, "device": args.device, "steps": args.steps,
-        "threads": args.threads,
+        "failed": failed, "results": results, "spread": spread, "cpu": cpu, "device": args.device,
+        "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
     }))
 
 
