@@ -114,6 +114,9 @@ class ToolsSection:
     max_workers: int = 4  # calls running at once
     max_output_chars: int = 1024  # a longer result is cut
     options: dict[str, Any] = field(default_factory=dict)  # per tool name, e.g. {python: {syntax: tags}}
+    # Training rollouts: the other sequences decode while calls run, each resuming when its call returns (else
+    # the batch waits for each step's calls). Batches then depend on the tools' timing; evaluation never overlaps.
+    overlap: bool = False
 
 
 @dataclass

@@ -103,6 +103,7 @@ class GRPOTrainer:
         self.rewards = build_rewards(recipe)
         self.toolbox = build_toolbox(recipe)  # None: single-turn completions
         self.tool_wall_s = 0.0  # this step's wall time waiting for tools
+        self.tool_steps_beside = 0  # tools.overlap: this step's engine steps taken while a call was out
         self.prompt_text = [render_prompt(row, d.template, self.tokenizer) for row in rows]
         self.prompt_tokens = [self._encode(t) for t in self.prompt_text]
         self.rows = rows
@@ -205,8 +206,9 @@ class GRPOTrainer:
             outputs = self.engine.generate(prompts_ids, params)
         else:
             outputs, tool_stats = generate_episodes(self.engine, prompts_ids, params, self.toolbox,
-                                                    self.recipe.tools.max_tool_calls)
+                                                    self.recipe.tools.max_tool_calls, overlap=self.recipe.tools.overlap)
             self.tool_wall_s += tool_stats["tool_seconds"]
+            self.tool_steps_beside += tool_stats["steps_beside_tools"]
         completions = [c for o in outputs for c in o.completions]
         calls = [getattr(c, "tool_calls", []) for c in completions]
         texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
@@ -287,6 +289,7 @@ class GRPOTrainer:
         log-probs, the policy update (with the router bias and the weight push), metrics."""
         t0 = time.perf_counter()
         self.tool_wall_s = 0.0
+        self.tool_steps_beside = 0
         ro, stats = self.collect()
         t_rollout = time.perf_counter() - t0
         batch = self.global_batch(ro, stats)
@@ -301,6 +304,8 @@ class GRPOTrainer:
         times = {"time/rollout_s": t_rollout, "time/ref_old_logprobs_s": t_ref, "time/update_s": t_update}
         if self.toolbox is not None:
             times["time/tools_s"] = self.tool_wall_s
+            if self.recipe.tools.overlap:
+                times["tools/steps_beside_calls"] = self.tool_steps_beside
         self._last_rollout = ro
         return self.step_metrics(batch, stats, sums, grad_norm, times, t0)
 

@@ -84,3 +84,13 @@ def test_engine_host_bench_times_a_decode_steps_host_path_and_its_phases():
             assert {"schedule", "inputs", "model", "append", "loop"} <= set(r["phases_ms"])
         assert "readback" in result["workloads"][work]["buffers"]["8"]["phases_ms"]
     assert "stubbed" in result["timed"] and result["cpu"]["model"] and result["threads"] == 1
+
+
+def test_tool_overlap_bench_times_both_modes_on_the_same_calls():
+    result = run_bench("tool_overlap.py", "--repeats", "1", "--prompts", "1", "--tokens", "24", "--every", "8",
+                       "--tool-ms", "20")
+    for mode in ("waiting", "overlap"):
+        assert result[mode]["wall_s"] > 0 and result[mode]["calls"] > 0
+    assert result["waiting"]["calls"] == result["overlap"]["calls"] and result["same_completions"]
+    assert result["waiting"]["steps_beside_tools"] == 0 < result["overlap"]["steps_beside_tools"]
+    assert result["speedup"] > 0 and result["cpu"]["model"]

@@ -60,12 +60,12 @@ class EveryN(Toolbox):
         return f"={result.output.strip()};"
 
 
-def tool_trainer(micro_recipe, tmp_path, n=4, **sections):
+def tool_trainer(micro_recipe, tmp_path, n=4, overlap=False, **sections):
     (tmp_path / "calls_reward.py").write_text(CALLS_REWARD)
     recipe = load_recipe(micro_recipe(
         rewards=[{"name": f"{tmp_path / 'calls_reward.py'}:calls"}],
         sampling={"num_generations": 4, "max_completion_length": 24},
-        tools={"names": ["python"], "max_tool_calls": 2}, **sections))
+        tools={"names": ["python"], "max_tool_calls": 2, "overlap": overlap}, **sections))
     trainer = GRPOTrainer(recipe)
     trainer.toolbox = EveryN(n)
     seen = []
@@ -160,6 +160,21 @@ def test_a_step_logs_tool_metrics_and_rewards_see_the_episode_and_its_calls(micr
     assert metrics["tools/output_tokens_per_completion"] == sum(tool_tokens) / len(ro.tool_calls) > 0
     # The reward counts the calls whose output shows in the text it got: the whole episode, every call.
     assert ro.rewards.tolist() == [float(k) for k in ro.tool_calls]
+
+
+def test_overlapped_tool_calls_train_on_the_completions_a_waiting_step_samples(micro_recipe, tmp_path):
+    """tools.overlap: the other sequences decode while the sandboxed calls run; the step's rollout is the one
+    the waiting trainer samples, and the step logs how many engine steps ran beside a call."""
+    rollouts, logged = [], []
+    for overlap in (False, True):
+        (tmp_path / str(overlap)).mkdir()
+        trainer, _ = tool_trainer(micro_recipe, tmp_path / str(overlap), overlap=overlap)
+        logged.append(trainer.train_step())
+        rollouts.append(trainer._last_rollout)
+    waited, overlapped = rollouts
+    assert sum(waited.tool_calls) > 0 and overlapped.completion_ids == waited.completion_ids
+    assert overlapped.tool_masks == waited.tool_masks and overlapped.rewards.tolist() == waited.rewards.tolist()
+    assert "tools/steps_beside_calls" not in logged[0] and logged[1]["tools/steps_beside_calls"] > 0
 
 
 def test_tools_with_the_vllm_backend_are_refused_naming_the_key(micro_recipe):

@@ -227,3 +227,68 @@ def test_a_running_sequence_that_cannot_grow_takes_a_paused_sequences_blocks():
     batch, prefill, _ = scheduler.schedule()
     assert batch == [running] and not prefill
     assert paused.block_table == [] and paused.num_cached == 0 and scheduler.num_preemptions == 1
+
+
+class SlowEveryN(EveryN):
+    """EveryN whose calls take 0-60 ms, by the turn's text, so that they come back in another order than
+    they were made."""
+
+    def run(self, calls):
+        import time
+
+        time.sleep(0.02 * (sum(map(ord, calls[0].arguments)) % 4))
+        return super().run(calls)
+
+
+@pytest.mark.parametrize("decode_path", ["eager", "buffers"])
+def test_overlapped_calls_give_the_completions_of_calls_the_batch_waits_for(model, decode_path):
+    """With overlap each call runs in the background and its sequence resumes when it is back, the others
+    decoding meanwhile: the batches differ, the seeded completions (tokens, log-probs, tool turns, calls, finish
+    reasons: "length" inside a tool turn and a call past max_tool_calls among them) do not."""
+    prompts = [TOK.encode("12+34="), TOK.encode("9*9="), TOK.encode("100-1=")]
+    sp = [SamplingParams(n=3, max_tokens=m, seed=s, ignore_eos=True) for m, s in ((26, 1), (13, 2), (40, 3))]
+    runs = {}
+    for overlap in (False, True):
+        engine = Engine(model, TOK, block_size=4, num_blocks=256, decode_path=decode_path)
+        box = SlowEveryN(4, output="[{}..]")
+        runs[overlap] = generate_episodes(engine, prompts, sp, box, max_tool_calls=3, overlap=overlap)
+        if overlap:
+            assert max(box.batches) == 1  # one call at a time, each on its own
+    (waited, w_stats), (overlapped, o_stats) = runs[False], runs[True]
+    assert w_stats["steps_beside_tools"] == 0 < o_stats["steps_beside_tools"]
+    reasons = set()
+    for a, b in zip(waited, overlapped):
+        for x, y in zip(a.completions, b.completions):
+            assert x.token_ids == y.token_ids and x.tool_mask == y.tool_mask and x.finish_reason == y.finish_reason
+            assert [c["output"] for c in x.tool_calls] == [c["output"] for c in y.tool_calls]
+            torch.testing.assert_close(torch.tensor(y.logprobs), torch.tensor(x.logprobs), atol=1e-5, rtol=0)
+            reasons.add((x.finish_reason, len(x.tool_calls)))
+    assert ("length", 3) in reasons and ("stop", 3) in reasons  # both endings ran through the overlap path
+
+
+def test_overlapped_calls_that_fail_or_hang_still_end_every_sequence(model):
+    """The real Toolbox under overlap: a call that raises comes back as an error for the policy to read, one
+    that hangs as a timeout, and generate returns with every completion."""
+    from grpo.tools import Toolbox
+
+    def flaky(x: int = 0):
+        if x == 1:
+            raise ValueError("no")
+        if x == 2:
+            import time
+
+            time.sleep(5)
+        return x
+
+    class Box(Toolbox):
+        def find_call(self, text):
+            return ToolCall("flaky", {"x": len(text) % 3}) if len(text) >= 3 else None
+
+    engine = Engine(model, TOK, block_size=4, num_blocks=256)
+    outs, stats = generate_episodes(engine, [TOK.encode("1+1=")], SamplingParams(n=6, max_tokens=12, seed=4,
+                                                                                 ignore_eos=True),
+                                    Box([flaky], timeout_s=0.3, max_workers=2), max_tool_calls=1, overlap=True)
+    calls = [c for o in outs for comp in o.completions for c in comp.tool_calls]
+    assert len(calls) == 6 and all(comp is not None for comp in outs[0].completions)
+    outputs = {c["output"].split(":")[0] for c in calls}
+    assert outputs <= {"0", "ValueError", "TimeoutError"} and stats["tool_seconds"] > 0

@@ -9,6 +9,7 @@ as MLA's absorbed projections, are re-derived at the start of each call)."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from typing import Protocol
 
@@ -39,6 +40,23 @@ class EpisodeHooks(Protocol):
     def resume(self, paused: list[Sequence]) -> list[str | None]:
         """Runs the paused sequences' calls and appends their output tokens; per sequence, None to go on
         generating or a finish reason."""
+        ...
+
+    #: Whether the loop runs calls in the background (`submit`, `poll`) while the others decode.
+    overlaps: bool
+
+    def submit(self, paused: list[Sequence]) -> None:
+        """Starts the paused sequences' calls and returns at once (`overlaps` only)."""
+        ...
+
+    def poll(self, block: bool) -> list[tuple[Sequence, str | None]]:
+        """The sequences whose calls have finished since the last poll, their output tokens appended, each with
+        None (go on) or a finish reason; block: wait for at least one."""
+        ...
+
+    @property
+    def in_flight(self) -> int:
+        """Calls submitted and not yet polled."""
         ...
 
 
@@ -165,7 +183,8 @@ class Engine:
         episodes: multi-turn tool use (`grpo.rollout.episodes`): after each sampled token it may pause the
         sequence for a tool call; the step's paused sequences are handed back to it together, it appends
         their tools' output tokens, and they resume from their cached blocks (only the new tokens are
-        prefilled) or finish."""
+        prefilled) or finish. A loop that `overlaps` runs the calls in the background instead: the others
+        decode meanwhile, and each sequence resumes at the first step after its call returns."""
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} SamplingParams")
@@ -195,7 +214,12 @@ class Engine:
         # Overlap: every decode step samples on the device, and one may be in flight, its tokens unread.
         ahead = self.overlap and episodes is None and not self._filters and not self.runner.record_routing
         pending: PendingStep | None = None
-        while not scheduler.done:
+        while not scheduler.done or (episodes is not None and episodes.in_flight):
+            if episodes is not None and episodes.in_flight:
+                # nothing left to run: wait for a call; else take the calls that are back and decode on
+                self._resume(episodes.poll(block=scheduler.done), scheduler, outputs, bar)
+                if scheduler.done:
+                    continue
             if pending is not None and not (any(map(self._goes_on, pending.seqs)) and scheduler.decodes_running_as_is()):
                 self._collect(pending, scheduler, outputs, bar)  # its tokens decide what comes next
                 pending = None
@@ -288,12 +312,20 @@ class Engine:
                 paused.append(seq)
             elif reason:
                 self._finish(seq, reason, scheduler, outputs, bar)
-        if paused:
-            for seq, reason in zip(paused, episodes.resume(paused)):
-                if reason:
-                    self._finish(seq, reason, scheduler, outputs, bar)
-                else:
-                    scheduler.resume(seq)
+        if paused and episodes.overlaps:
+            episodes.submit(paused)
+        elif paused:
+            self._resume(zip(paused, episodes.resume(paused)), scheduler, outputs, bar)
+
+    def _resume(self, back: Iterable[tuple[Sequence, str | None]], scheduler: Scheduler,
+                outputs: list[RequestOutput], bar) -> None:
+        """Sequences back from their tool calls (pairs of a sequence and None or its finish reason) resume or
+        finish."""
+        for seq, reason in back:
+            if reason:
+                self._finish(seq, reason, scheduler, outputs, bar)
+            else:
+                scheduler.resume(seq)
 
     def _finish(self, seq: Sequence, reason: str, scheduler: Scheduler, outputs: list[RequestOutput], bar) -> None:
         scheduler.finish(seq, reason)

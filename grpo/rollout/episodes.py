@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence as Seq
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -74,14 +75,22 @@ class EpisodeLoop:
 
     max_tool_calls: calls run per completion; a further complete call ends the episode (finish "stop").
     The total token budget is the request's `SamplingParams.max_tokens`: sampled and tool tokens together;
-    tool output that does not fit is cut to leave room for one sampled token."""
+    tool output that does not fit is cut to leave room for one sampled token.
+    overlap: run each call in the background (at most the toolbox's max_workers at once) while the other
+    sequences decode, each resuming when its own call returns, instead of the whole batch waiting for a
+    step's calls. Which sequences share a decode step then depends on how long the tools take, so a seeded
+    run repeats only as far as the logits do not depend on the batch (on a CPU: exactly, in our tests)."""
 
-    def __init__(self, tokenizer, toolbox: Toolbox, max_tool_calls: int = 4):
+    def __init__(self, tokenizer, toolbox: Toolbox, max_tool_calls: int = 4, overlap: bool = False):
         if max_tool_calls < 0:
             raise ValueError(f"max_tool_calls must be >= 0, got {max_tool_calls}")
         self.tokenizer, self.toolbox, self.max_tool_calls = tokenizer, toolbox, max_tool_calls
         self.states: dict[tuple[int, int], _EpisodeState] = {}
-        self.tool_seconds = 0.0  # wall time the step spent waiting for tools
+        self.tool_seconds = 0.0  # wall time the engine spent waiting for tools (overlap: with nothing to decode)
+        self.steps_beside_tools = 0  # overlap: engine steps taken while a call was out
+        self.overlaps = overlap
+        self._calls: dict[Future[list[ToolResult]], Sequence] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     def _state(self, seq: Sequence) -> _EpisodeState:
         key = (seq.request_index, seq.sample_index)
@@ -100,31 +109,57 @@ class EpisodeLoop:
         return PAUSE
 
     def resume(self, paused: list[Sequence]) -> list[str | None]:
-        states = [self._state(s) for s in paused]
-        calls = [s.pending for s in states]
+        calls = [self._state(s).pending for s in paused]
         started = time.perf_counter()
         results = self.toolbox.run(calls)  # type: ignore[arg-type]
         self.tool_seconds += time.perf_counter() - started
-        reasons: list[str | None] = []
-        for seq, state, call, result in zip(paused, states, calls, results):
-            assert call is not None
-            state.pending = None
-            state.calls.append({"name": call.name, "arguments": call.arguments, "output": result.output,
-                                "error": result.error, "malformed": call.error is not None,
-                                "seconds": result.seconds})
-            ids = self.tokenizer.encode(self.toolbox.render(call, result), add_special_tokens=False)
-            room = seq.params.max_tokens - seq.num_completion_tokens - 1  # keep one sampled token
-            if room <= 0:
-                reasons.append("length")
-                continue
-            ids = ids[:room]
-            start = seq.num_completion_tokens
-            for token in ids:
-                seq.append(token, 0.0)
-            state.tool_spans.append((start, start + len(ids)))
-            state.turn_start = seq.num_tokens
-            reasons.append(None)
-        return reasons
+        return [self._take(seq, result) for seq, result in zip(paused, results)]
+
+    def submit(self, paused: list[Sequence]) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(getattr(self.toolbox, "max_workers", 4), thread_name_prefix="episode-tool")
+        for seq in paused:
+            self._calls[self._pool.submit(self.toolbox.run, [self._state(seq).pending])] = seq  # type: ignore[list-item]
+
+    def poll(self, block: bool) -> list[tuple[Sequence, str | None]]:
+        started = time.perf_counter()
+        done, _ = wait(self._calls, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        if block:
+            self.tool_seconds += time.perf_counter() - started
+        else:
+            self.steps_beside_tools += 1  # the engine decodes next, with calls still out
+        back = sorted(((self._calls.pop(f), f.result()[0]) for f in done),
+                      key=lambda pair: (pair[0].request_index, pair[0].sample_index))  # done is a set: a fixed order
+        return [(seq, self._take(seq, result)) for seq, result in back]
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._calls)
+
+    def close(self) -> None:
+        """Stops the background pool (overlap); calls still running are left to finish on their own."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _take(self, seq: Sequence, result: ToolResult) -> str | None:
+        """Appends the output of `seq`'s pending call; None to go on, or "length" when no room is left."""
+        state = self._state(seq)
+        call, state.pending = state.pending, None
+        assert call is not None
+        state.calls.append({"name": call.name, "arguments": call.arguments, "output": result.output,
+                            "error": result.error, "malformed": call.error is not None, "seconds": result.seconds})
+        ids = self.tokenizer.encode(self.toolbox.render(call, result), add_special_tokens=False)
+        room = seq.params.max_tokens - seq.num_completion_tokens - 1  # keep one sampled token
+        if room <= 0:
+            return "length"
+        ids = ids[:room]
+        start = seq.num_completion_tokens
+        for token in ids:
+            seq.append(token, 0.0)
+        state.tool_spans.append((start, start + len(ids)))
+        state.turn_start = seq.num_tokens
+        return None
 
     def completion(self, request: int, sample: int, c: Completion) -> EpisodeCompletion:
         """Completion `c` of (request, sample) with its tool mask, calls and turns."""
@@ -146,10 +181,11 @@ class EpisodeLoop:
 
 
 def generate_episodes(engine, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams],
-                      toolbox: Toolbox, max_tool_calls: int = 4, *,
+                      toolbox: Toolbox, max_tool_calls: int = 4, *, overlap: bool = False,
                       use_tqdm: bool = False) -> tuple[list[RequestOutput], dict[str, float]]:
     """Like `engine.generate`, with tool calls: every completion is an `EpisodeCompletion`. Also returns
-    {"tool_seconds": wall time spent waiting for tools}.
+    {"tool_seconds": wall time the engine waited for tools, "steps_beside_tools": engine steps taken while a
+    call was out (overlap; else 0)}. overlap: see `EpisodeLoop`.
 
     Raises:
         ValueError: the engine cannot pause a sequence for a tool (vLLM's backend); its message names the key."""
@@ -158,8 +194,11 @@ def generate_episodes(engine, prompts: Seq[Seq[int]], params: SamplingParams | S
                          "use rollout.backend: ours")
     if engine.tokenizer is None:
         raise ValueError("tool episodes need a tokenizer: Engine(model, tokenizer)")
-    loop = EpisodeLoop(engine.tokenizer, toolbox, max_tool_calls)
-    outputs = engine.generate(prompts, params, use_tqdm=use_tqdm, episodes=loop)
+    loop = EpisodeLoop(engine.tokenizer, toolbox, max_tool_calls, overlap=overlap)
+    try:
+        outputs = engine.generate(prompts, params, use_tqdm=use_tqdm, episodes=loop)
+    finally:
+        loop.close()
     for i, out in enumerate(outputs):
         out.completions = [loop.completion(i, k, c) for k, c in enumerate(out.completions)]
-    return outputs, {"tool_seconds": loop.tool_seconds}
+    return outputs, {"tool_seconds": loop.tool_seconds, "steps_beside_tools": loop.steps_beside_tools}
