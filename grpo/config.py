@@ -252,6 +252,8 @@ class Recipe:
         need(self.tools.max_tool_calls >= 0, "tools.max_tool_calls", f"must be >= 0, got {self.tools.max_tool_calls}")
         need(self.tools.timeout_s > 0, "tools.timeout_s", f"must be > 0, got {self.tools.timeout_s}")
         need(self.tools.max_workers >= 1, "tools.max_workers", f"must be >= 1, got {self.tools.max_workers}")
+        need(not self.tools.overlap or bool(self.tools.names), "tools.overlap",
+             "overlaps tool calls with decoding, but tools.names is empty (no tools): name the tools or drop it")
         need(self.evaluation.n >= 1, "evaluation.n", f"must be >= 1, got {self.evaluation.n}")
         need(self.evaluation.temperature > 0 or self.evaluation.n == 1, "evaluation.n",
              "greedy evaluation (temperature 0) gives one answer per problem: use n: 1")

@@ -38,6 +38,7 @@ rewards: [accuracy, {name: format, weight: 0.5}]
     ("model: {preset: micro}\ndevice: gpu", [], "device: 'gpu' is not allowed; allowed: 'auto'"),
     ("model: {preset: micro}", ["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization: must be in"),
     ("model: {preset: micro}", ["rollout.overlap=true", "rollout.backend=vllm"], "rollout.overlap: is our engine's"),
+    ("model: {preset: micro}", ["tools.overlap=true"], "tools.overlap: overlaps tool calls with decoding, but"),
 ])
 def test_bad_recipes_name_the_key_and_what_is_allowed(tmp_path, text, overrides, message):
     with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace(".", r"\.")):
