@@ -12,7 +12,9 @@ them alike): each figure is the median over the repeats, and `spread` lists the 
 "ours" runs the trainer as a recipe starts by default; "ours-compiled" with `rollout.compile=true` (decode
 steps through graphs compiled ahead of time, before the first step) and `optim.compile=true` (the blocks
 under torch.compile for the log-prob forwards and the update, compiled during the first step, which the
-median leaves out).
+median leaves out); "ours-compiled-bf16" also with `rollout.dtype=bfloat16` (the compiled engine decoding a
+bfloat16 copy of the float32 policy: the lever on CPUs that multiply bfloat16 natively, AMX or AVX-512 BF16;
+its rollout/trainer log-prob mismatch is reported beside it, `mismatch`).
 
 Needs `trl` (`pip install -e ".[bench]"`) and ../shared/peers for TRL's side. A peer that is missing or
 fails is reported as null with its reason (`failed` in the JSON) and ours still runs; `--fail-peer trl`
@@ -37,7 +39,8 @@ PEERS = Path(os.environ.get("R1_PEERS") or ROOT.parent / "shared" / "peers")  # 
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 FAIL_ENV = "R1_BENCH_FAIL"  # set in a child by --fail-peer: it raises before doing anything
-RUNNERS = ("trl", "ours", "ours-compiled")
+RUNNERS = ("trl", "ours", "ours-compiled", "ours-compiled-bf16")
+OURS = RUNNERS[1:]
 
 REWARD = '''
 def exact(prompts, completions, answer, **kw):
@@ -45,7 +48,8 @@ def exact(prompts, completions, answer, **kw):
 '''
 
 
-def run_ours(ckpt: str, tokens: int, steps: int, workdir: str, compiled: bool = False, device: str = "cpu") -> dict:
+def run_ours(ckpt: str, tokens: int, steps: int, workdir: str, compiled: bool = False, device: str = "cpu",
+             rollout_dtype: str = "auto") -> dict:
     from grpo.config import load_recipe
     from grpo.trainer import GRPOTrainer
 
@@ -61,6 +65,7 @@ def run_ours(ckpt: str, tokens: int, steps: int, workdir: str, compiled: bool = 
         "sampling.num_generations=8", f"sampling.max_completion_length={tokens}", "algorithm.beta=0.04",
         "optim.lr=1e-4", "optim.micro_batch_size=32", "logging.save_every=100000", "logging.tensorboard=false",
         "logging.progress_bar=false", f"rollout.compile={str(compiled).lower()}", f"optim.compile={str(compiled).lower()}",
+        f"rollout.dtype={rollout_dtype}",
         *([f"device={device}"] if device != "cpu" else [])])
     trainer = GRPOTrainer(recipe)
     history = trainer.train()
@@ -69,7 +74,8 @@ def run_ours(ckpt: str, tokens: int, steps: int, workdir: str, compiled: bool = 
                                                                 "time/ref_old_logprobs_s", "time/update_s")}
     return {"s_per_step": med["time/step_s"], "rollout_s": med["time/rollout_s"],
             "ref_logprobs_s": med["time/ref_old_logprobs_s"], "update_s": med["time/update_s"],
-            "mean_completion_length": statistics.median(h["completions/mean_length"] for h in keep)}
+            "mean_completion_length": statistics.median(h["completions/mean_length"] for h in keep),
+            "mismatch": statistics.median(h["rollout/logprob_abs_diff"] for h in keep)}  # mean |rollout - trainer|
 
 
 def run_trl(ckpt: str, tokens: int, steps: int, workdir: str, device: str = "cpu") -> dict:
@@ -140,7 +146,8 @@ def main() -> None:
         if which == "trl":
             out = run_trl(ckpt, int(tokens), args.steps, workdir, device=args.device)
         else:
-            out = run_ours(ckpt, int(tokens), args.steps, workdir, compiled=which == "ours-compiled", device=args.device)
+            out = run_ours(ckpt, int(tokens), args.steps, workdir, compiled=which.startswith("ours-compiled"),
+                           device=args.device, rollout_dtype="bfloat16" if which.endswith("bf16") else "auto")
         if args.device != "cpu":
             out["peak_device_mb"] = torch.cuda.max_memory_allocated() / 1e6
         out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -199,11 +206,11 @@ def main() -> None:
     results = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
     spread = {f"{which}_{tokens}": [round(t["s_per_step"] / o["s_per_step"], 2)
                                     for t, o in zip(runs[f"trl_{tokens}"], runs[f"{which}_{tokens}"])]
-              for tokens in token_counts for which in ("ours", "ours-compiled")
+              for tokens in token_counts for which in OURS
               if f"trl_{tokens}" in runs and f"{which}_{tokens}" in runs}
     for tokens in token_counts:
         t = results.get(f"trl_{tokens}")
-        for which in ("ours", "ours-compiled"):
+        for which in OURS:
             o = results.get(f"{which}_{tokens}")
             if o is None:
                 continue
@@ -215,11 +222,12 @@ def main() -> None:
                 line += f" (repeats: {', '.join(f'{x:.2f}x' for x in spread[f'{which}_{tokens}'])})"
             print(line)
             print(f"      {which}: rollout {o['rollout_s']:.3f} s, reference log-probs {o['ref_logprobs_s']:.3f} s, "
-                  f"update {o['update_s']:.3f} s; mean completion {o['mean_completion_length']:.0f} tokens")
+                  f"update {o['update_s']:.3f} s; mean completion {o['mean_completion_length']:.0f} tokens; "
+                  f"log-prob mismatch {o['mismatch']:.2g}")
     for which, why in failed.items():
         print(f"{which}: not measured: {why}")
     first = token_counts[0]
-    o, t, c = (results.get(f"{w}_{first}") for w in ("ours", "trl", "ours-compiled"))
+    o, t, c, cb = (results.get(f"{w}_{first}") for w in ("ours", "trl", "ours-compiled", "ours-compiled-bf16"))
 
     def get(r: dict | None, key: str) -> float | None:
         return round(r[key], 4) if r else None
@@ -232,6 +240,7 @@ def main() -> None:
         "ours_peak_rss_mb": get(o, "peak_rss_mb"), "trl_peak_rss_mb": get(t, "peak_rss_mb"),
         "speedup": ratio(t, o), "ours_compiled_s_per_step": get(c, "s_per_step"),
         "ours_compiled_peak_rss_mb": get(c, "peak_rss_mb"), "compiled_speedup": ratio(t, c),
+        "compiled_bf16_speedup": ratio(t, cb),
         "failed": failed, "results": results, "spread": spread, "cpu": cpu, "device": args.device,
         "steps": args.steps, "repeats": args.repeats, "threads": args.threads,
     }))
